@@ -1,0 +1,192 @@
+"""The frozen, typed model configuration (DESIGN.md §2 knobs), loadable from YAML with overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import yaml
+
+_CHOICES = {
+    "memory_init": ("identity", "learned", "zeros"),
+    "memory_flow": ("chained", "per_block"),
+    "attention": ("segment", "full"),
+    "remat": ("none", "full", "dots"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every architectural choice of an LM2 model (or of its memory-less Llama baseline).
+
+  Attributes:
+    vocab_size: V. d_model: D. num_layers: L. num_heads: N. num_kv_heads: K (grouped-query attention).
+    mlp_dim: F, the SwiGLU hidden width. rope_theta, norm_eps: as in Llama.
+    tie_embeddings: the LM head reuses the embedding table.
+    segment_length: T, tokens per segment; inputs are C*T tokens.
+    use_memory: false gives a plain Llama with no memory parameters at all.
+    memory_layers: memory in the first k blocks (paper Fig. 5); None = every block.
+    num_slots: M. memory_heads: Nm heads of the memory cross-attention (width D / Nm).
+    read_topk: keep the k largest read scores per query (None = dense read).
+    output_gate, input_gate, forget_gate: false replaces that gate by the constant 1.
+    forget_bias_init: initial forget-gate bias (+1: remember by default).
+    memory_init: "identity" (rows of the identity, needs M <= D), "learned" or "zeros".
+    memory_flow: "chained" (one bank, writes chained through the blocks) or "per_block".
+    bptt_segments: stop gradients through the memory carry every k segments (0 = full BPTT).
+    attention: "segment" (causal inside each segment; RoPE restarts per segment) or "full" (causal over
+      the whole input; the long-context baseline, memory-less only).
+    scan_layers: run the layers with nn.scan (compile time independent of depth) or unrolled.
+    remat: "none", "full" (recompute each block) or "dots" (save matmul outputs).
+    dtype: compute dtype; param_dtype: parameter dtype. The memory bank is float32 regardless.
+    init_std: standard deviation of the normal initialiser of every matrix.
+  """
+
+  vocab_size: int = 260
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  mlp_dim: int = 512
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  segment_length: int = 64
+  use_memory: bool = True
+  memory_layers: int | None = None
+  num_slots: int = 16
+  memory_heads: int = 1
+  read_topk: int | None = None
+  output_gate: bool = True
+  input_gate: bool = True
+  forget_gate: bool = True
+  forget_bias_init: float = 1.0
+  memory_init: str = "identity"
+  memory_flow: str = "chained"
+  bptt_segments: int = 0
+  attention: str = "segment"
+  scan_layers: bool = False
+  remat: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      _check_type(f.name, getattr(self, f.name), f.type)
+    positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+                "segment_length", "num_slots", "memory_heads")
+    for name in positive:
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+    for name, allowed in _CHOICES.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} must divide d_model={self.d_model}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+    if (self.d_model // self.num_heads) % 2:
+      raise ValueError(f"head dim d_model/num_heads={self.d_model // self.num_heads} must be even "
+                       "(RoPE rotates pairs); change ModelConfig.num_heads or d_model")
+    if self.bptt_segments < 0:
+      raise ValueError(f"ModelConfig.bptt_segments must be >= 0, got {self.bptt_segments}")
+    if self.use_memory:
+      if self.d_model % self.memory_heads:
+        raise ValueError(
+            f"ModelConfig.memory_heads={self.memory_heads} must divide d_model={self.d_model}")
+      if self.memory_init == "identity" and self.num_slots > self.d_model:
+        raise ValueError(
+            f"ModelConfig.memory_init='identity' needs num_slots <= d_model, got num_slots="
+            f"{self.num_slots} > d_model={self.d_model}; use memory_init 'learned' or fewer slots")
+      if self.memory_layers is not None and not 1 <= self.memory_layers <= self.num_layers:
+        raise ValueError(f"ModelConfig.memory_layers must be in [1, num_layers={self.num_layers}] "
+                         f"(or null for all), got {self.memory_layers}")
+      if self.read_topk is not None and not 1 <= self.read_topk <= self.num_slots:
+        raise ValueError(f"ModelConfig.read_topk must be in [1, num_slots={self.num_slots}] "
+                         f"(or null for a dense read), got {self.read_topk}")
+      if self.attention == "full":
+        raise ValueError("ModelConfig.attention='full' is the memory-less long-context baseline: "
+                         "set use_memory: false, or use attention: segment with memory")
+
+  # Derived properties.
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def num_memory_layers(self) -> int:
+    """How many of the first blocks hold memory (0 without memory)."""
+    if not self.use_memory:
+      return 0
+    return self.num_layers if self.memory_layers is None else self.memory_layers
+
+  @property
+  def memory_head_dim(self) -> int:
+    return self.d_model // self.memory_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  # Construction.
+  @classmethod
+  def from_dict(cls, values: dict[str, Any], **overrides) -> "ModelConfig":
+    """Builds a config from a mapping; unknown keys are an error naming them."""
+    merged = {**(values or {}), **overrides}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig key(s) {unknown}; valid keys: {sorted(known)}")
+    return cls(**merged)
+
+  @classmethod
+  def from_yaml(cls, path: str | os.PathLike, **overrides) -> "ModelConfig":
+    """Reads a YAML mapping of ModelConfig fields; keyword overrides win."""
+    try:
+      with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+      raise FileNotFoundError(f"model config file not found: {path}") from None
+    if not isinstance(values, dict):
+      raise ValueError(f"{path}: a model config must be a YAML mapping, got {type(values).__name__}")
+    try:
+      return cls.from_dict(values, **overrides)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{path}: {e}") from None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+  """Checks a field against its (string) annotation: int, float, bool, str, or `X | None`."""
+  options = [a.strip() for a in str(annotation).split("|")]
+  if value is None:
+    if "None" in options:
+      return
+    raise TypeError(f"ModelConfig.{name} must not be null")
+  ok = False
+  for opt in options:
+    if opt == "bool":
+      ok |= isinstance(value, bool)
+    elif opt == "int":
+      ok |= isinstance(value, int) and not isinstance(value, bool)
+    elif opt == "float":
+      ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif opt == "str":
+      ok |= isinstance(value, str)
+  if not ok:
+    raise TypeError(f"ModelConfig.{name} must be {annotation}, got {value!r} "
+                    f"({type(value).__name__})")

@@ -1,0 +1,38 @@
+"""Model FLOPs per token, counted from the config (for MFU), memory read and write included.
+
+Convention: a multiply-add is 2 FLOPs; training = 3x forward (backward costs two forwards); attention
+counts every key of the segment (T, or the whole sequence with `attention: full`) per query, as PaLM's
+MFU does; a rematerialised forward is not counted (MFU measures useful work).
+"""
+
+from __future__ import annotations
+
+from lm2_jax.model.config import ModelConfig
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token of a sequence of `seq_len` tokens."""
+  d, f, v = cfg.d_model, cfg.mlp_dim, cfg.vocab_size
+  n, kv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  t = seq_len if cfg.attention == "full" else cfg.segment_length
+  projections = 2 * d * (n * h + 2 * kv * h) + 2 * n * h * d
+  attention = 2 * 2 * n * h * t                         # scores + weighted values
+  mlp = 2 * 3 * d * f
+  per_layer = projections + attention + mlp
+  m = cfg.num_slots
+  # Per token: query, update and output-gate projections; read scores and values; write scores (shared
+  # with the read) and the write aggregation. Per segment (divided by T): the bank's key and value
+  # projections and the two gates over the M slots.
+  memory_per_token = 2 * 3 * d * d + 2 * 2 * m * d + 2 * m * d
+  memory_per_segment = 2 * 4 * m * d * d
+  if not cfg.output_gate:
+    memory_per_token -= 2 * d * d
+  memory_per_segment -= 2 * m * d * d * ((not cfg.input_gate) + (not cfg.forget_gate))
+  memory = memory_per_token + memory_per_segment / t
+  head = 2 * d * v
+  return cfg.num_layers * per_layer + cfg.num_memory_layers * memory + head
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward)."""
+  return 3.0 * forward_flops_per_token(cfg, seq_len)

@@ -1,0 +1,161 @@
+"""Llama backbone layers: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Parameters are named like Hugging Face Llama's (q_proj, o_proj, gate_proj, ...) so that conversion is a
+key map, and carry logical axis names for the sharding rules of `lm2_jax.train.mesh`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm2_jax.model.config import ModelConfig
+from lm2_jax.typing import Array
+
+# A finite "minus infinity": a fully masked row gives a uniform softmax, never NaN.
+NEG_INF = -1e30
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
+  """Declares a parameter whose logical axis names feed the sharding rules."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def normal_init(cfg: ModelConfig):
+  return nn.initializers.normal(stddev=cfg.init_std)
+
+
+class Einsum(nn.Module):
+  """A weight applied by an einsum; its parameter is `kernel` (Hugging Face-like key paths).
+
+  Attributes:
+    cfg: the model config (init std, dtypes).
+    shape: the kernel shape. axes: its logical axis names. eqn: "<input>,<kernel>-><output>".
+  """
+
+  cfg: ModelConfig
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  eqn: str
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = param_with_axes(self, "kernel", normal_init(self.cfg), self.shape, self.axes,
+                             self.cfg.weight_dtype)
+    return jnp.einsum(self.eqn, x, kernel.astype(self.cfg.compute_dtype))
+
+
+def constrain(x: Array, axes: tuple) -> Array:
+  """Activation sharding constraint; a no-op outside a mesh with logical rules."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned scale, computed in float32 (as Llama does)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",),
+                            self.cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (y * scale).astype(self.cfg.compute_dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the rotate-half convention (Hugging Face Llama's).
+
+  Args:
+    x: [B, T, N, H] queries or keys.
+    positions: [T] or [B, T] integer positions.
+    theta: the RoPE base.
+  Returns:
+    x rotated, same shape and dtype.
+  """
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+  pos = jnp.asarray(positions, jnp.float32)
+  if pos.ndim == 1:
+    pos = pos[None, :]
+  angles = pos[:, :, None] * inv_freq[None, None, :]  # [B|1, T, H/2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, k_valid: Array) -> Array:
+  """Causal grouped-query attention of queries over keys, softmax in float32.
+
+  Args:
+    q: [B, T, N, H] (already rotated). k, v: [B, S, K, H].
+    q_pos: [T] query positions; k_pos: [S] key positions (a key is visible when k_pos <= q_pos).
+    k_valid: [B, S] false for padding keys and empty cache slots.
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(h))
+  visible = (k_pos[None, :] <= q_pos[:, None])[None] & k_valid[:, None, :]  # [B, T, S]
+  scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  """Grouped-query causal self-attention with RoPE, over the current segment (or a given KV cache)."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = Einsum(cfg, (d, n, h), ("embed", "heads", "head_dim"), "BTD,DNH->BTNH")
+    self.k_proj = Einsum(cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH")
+    self.v_proj = Einsum(cfg, (d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH")
+    self.o_proj = Einsum(cfg, (n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD")
+
+  def project_kv(self, h: Array, positions: Array) -> tuple[Array, Array]:
+    """Rotated keys and values [B, T, K, H] of the normalised inputs h [B, T, D]."""
+    return rope(self.k_proj(h), positions, self.cfg.rope_theta), self.v_proj(h)
+
+  def __call__(self, h: Array, positions: Array, valid: Array, kv=None, kv_pos=None,
+               kv_valid=None) -> Array:
+    """Self-attention output [B, T, D].
+
+    Args:
+      h: [B, T, D] normalised block input. positions: [T] RoPE positions. valid: [B, T] real tokens.
+      kv, kv_pos, kv_valid: keys/values [B, S, K, H] to attend over instead of h's own (decoding);
+        they must already contain this call's tokens.
+    """
+    q = constrain(rope(self.q_proj(h), positions, self.cfg.rope_theta),
+                  ("activation_batch", "activation_length", "activation_heads", None))
+    if kv is None:
+      kv, kv_pos, kv_valid = self.project_kv(h, positions), positions, valid
+    out = attend(q, kv[0], kv[1], positions, kv_pos, kv_valid)
+    return self.o_proj(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    d, f = cfg.d_model, cfg.mlp_dim
+    gate = Einsum(cfg, (d, f), ("embed", "mlp"), "BTD,DF->BTF", name="gate_proj")(x)
+    up = Einsum(cfg, (d, f), ("embed", "mlp"), "BTD,DF->BTF", name="up_proj")(x)
+    hidden = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return Einsum(cfg, (f, d), ("mlp", "embed"), "BTF,FD->BTD", name="down_proj")(hidden)

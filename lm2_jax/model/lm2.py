@@ -1,0 +1,237 @@
+"""LM2: a Llama decoder whose blocks own a gated memory, run as a scan over segments (DESIGN.md §2).
+
+A sequence of C*T tokens is cut into C segments of T tokens. The memory is the carry of an `nn.scan` over
+segments: every block reads the memory as it stood at the segment's start and the segment's write gives
+the next segment's memory. So a token only sees memory built from earlier segments.
+
+    logits, memory = LM2(cfg).apply(variables, tokens)                  # tokens int32 [B, C*T]
+    logits, memory = LM2(cfg).apply(variables, more, memory=memory)     # continue the stream
+    stats, memory = LM2(cfg).apply(variables, tokens, targets, loss_mask, method=LM2.loss)
+
+`loss` computes per-row cross-entropy sums inside the segment scan, so [B, C*T, V] logits never exist.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm2_jax.model.block import SegmentContext, block_class
+from lm2_jax.model.config import ModelConfig
+from lm2_jax.model.layers import Einsum, RMSNorm, constrain, normal_init
+from lm2_jax.model.memory import MEMORY_AXES, initial_bank
+from lm2_jax.typing import Array
+
+LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+
+class LossStats(NamedTuple):
+  """Per-row sums over the loss-masked positions, float32 [B] each.
+
+  Attributes:
+    nll_sum: summed negative log-likelihood of the targets.
+    weight_sum: summed loss mask (how many target tokens count).
+    correct_sum: summed mask where argmax(logits) == target.
+  """
+
+  nll_sum: Array
+  weight_sum: Array
+  correct_sum: Array
+
+
+def _layer_stack(cfg: ModelConfig, n: int, has_memory: bool):
+  """n blocks whose parameters are stacked on a leading 'layers' axis, run with nn.scan."""
+  return nn.scan(
+      block_class(cfg),
+      variable_axes={"params": 0, "intermediates": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast),
+      length=n,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )(cfg, has_memory)
+
+
+class LM2(nn.Module):
+  """The LM2 language model (or, with `use_memory: false`, a plain Llama).
+
+  Attributes:
+    cfg: the model configuration.
+  """
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        embedding_init=nn.with_logical_partitioning(normal_init(cfg), ("vocab", "embed")))
+    k, n = cfg.num_memory_layers, cfg.num_layers
+    if cfg.scan_layers:
+      self.memory_blocks = _layer_stack(cfg, k, True) if k else None
+      self.blocks = _layer_stack(cfg, n - k, False) if n > k else None
+    else:
+      block = block_class(cfg)
+      # Named block_{i}: the key map to Hugging Face's model.layers.{i}.
+      for i in range(n):
+        setattr(self, f"block_{i}", block(cfg, i < k))
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = Einsum(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "BTD,DV->BTV")
+    if cfg.use_memory and cfg.memory_init == "learned":
+      self.memory_init = self.param(
+          "memory_init", nn.with_logical_partitioning(nn.initializers.orthogonal(), ("slots", "embed")),
+          (cfg.num_slots, cfg.d_model), cfg.weight_dtype)
+
+  # Public API.
+  def __call__(self, tokens: Array | None = None, memory: Array | None = None,
+               resets: Array | None = None, valid: Array | None = None, *,
+               inputs_embeds: Array | None = None):
+    """Logits of every position and the memory after the last segment.
+
+    Args:
+      tokens: int32 [B, C*T] (or None with `inputs_embeds`).
+      memory: the carry to start from (`init_memory` / a previous call's return); None = initial.
+      resets: bool [B, C]: restart a row's memory at a segment (a document starts there).
+      valid: bool [B, C*T]: real tokens (default all); padding is neither attended to nor written.
+      inputs_embeds: [B, C*T, D] input embeddings instead of tokens (soft prompts; gradient tests).
+    Returns:
+      (logits float32 [B, C*T, V], memory: float32 [B, M, D] or [L_mem, B, M, D], None without memory).
+    """
+    memory, xs = self._prepare(tokens, inputs_embeds, memory, resets, valid)
+    scan = nn.scan(_logits_body, variable_broadcast="params", split_rngs={"params": False},
+                   variable_axes={"intermediates": 0})
+    memory, logits = scan(self, memory, xs)             # logits [C, B, T, V]
+    c, b, t, v = logits.shape
+    return jnp.swapaxes(logits, 0, 1).reshape(b, c * t, v), memory
+
+  def loss(self, tokens: Array | None, targets: Array, loss_mask: Array, memory: Array | None = None,
+           resets: Array | None = None, valid: Array | None = None, *,
+           inputs_embeds: Array | None = None):
+    """Per-row loss sums computed segment by segment (no [B, C*T, V] logits).
+
+    Args:
+      tokens, memory, resets, valid, inputs_embeds: as in `__call__`.
+      targets: int32 [B, C*T] next-token targets. loss_mask: [B, C*T] weights (0 = ignore).
+    Returns:
+      (LossStats of float32 [B] sums, the memory after the last segment).
+    """
+    memory, xs = self._prepare(tokens, inputs_embeds, memory, resets, valid)
+    xs["targets"] = self._segments(targets)
+    xs["loss_mask"] = self._segments(loss_mask.astype(jnp.float32))
+    scan = nn.scan(_loss_body, variable_broadcast="params", split_rngs={"params": False},
+                   variable_axes={"intermediates": 0})
+    memory, stats = scan(self, memory, xs)              # each [C, B]
+    return LossStats(*(s.sum(axis=0) for s in stats)), memory
+
+  def initial_memory(self, batch_size: int) -> Array | None:
+    """The initial carry of this model (uses the learned init when there is one)."""
+    if not self.cfg.use_memory:
+      return None
+    bank = jnp.broadcast_to(self._initial_bank(), (batch_size, self.cfg.num_slots, self.cfg.d_model))
+    if self.cfg.memory_flow == "per_block":
+      bank = jnp.broadcast_to(bank, (self.cfg.num_memory_layers, *bank.shape))
+    return bank
+
+  # Internals.
+  def _initial_bank(self) -> Array:
+    learned = self.memory_init if self.cfg.memory_init == "learned" else None
+    return initial_bank(self.cfg, learned)
+
+  def _segment_length(self, seq_len: int) -> int:
+    return seq_len if self.cfg.attention == "full" else self.cfg.segment_length
+
+  def _segments(self, x: Array) -> Array:
+    """[B, C*T, ...] -> [C, B, T, ...] (the scan axis first)."""
+    b, s = x.shape[:2]
+    t = self._segment_length(s)
+    return jnp.swapaxes(x.reshape(b, s // t, t, *x.shape[2:]), 0, 1)
+
+  def _prepare(self, tokens, inputs_embeds, memory, resets, valid):
+    cfg = self.cfg
+    if (tokens is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of tokens and inputs_embeds")
+    x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(cfg.compute_dtype)
+    b, s = x.shape[:2]
+    t = self._segment_length(s)
+    if s == 0 or s % t:
+      raise ValueError(
+          f"sequence length {s} is not a positive multiple of segment_length={t}: pad the input to a "
+          f"multiple of {t} tokens and mark the padding with valid=False")
+    c = s // t
+    if valid is None:
+      valid = jnp.ones((b, s), bool)
+    if resets is None:
+      resets = jnp.zeros((b, c), bool)
+    if resets.shape != (b, c):
+      raise ValueError(f"resets must be bool [B, C] = {(b, c)}, got shape {resets.shape}")
+    if memory is None:
+      memory = self.initial_memory(b)
+    xs = {"x": self._segments(x), "valid": self._segments(valid.astype(bool)),
+          "reset": jnp.swapaxes(resets.astype(bool), 0, 1), "index": jnp.arange(c)}
+    return memory, xs
+
+  def _run_segment(self, memory, xs):
+    """One segment through all blocks: (memory at its start, inputs) -> (memory after it, hidden)."""
+    cfg = self.cfg
+    if cfg.use_memory:
+      fresh = self._initial_bank()
+      reset = xs["reset"][:, None, None] if cfg.memory_flow == "chained" else xs["reset"][None, :, None,
+                                                                                          None]
+      memory = jnp.where(reset, fresh, memory)
+      if cfg.bptt_segments:
+        cut = (xs["index"] > 0) & (xs["index"] % cfg.bptt_segments == 0)
+        memory = jnp.where(cut, jax.lax.stop_gradient(memory), memory)
+      memory = constrain(memory, MEMORY_AXES if memory.ndim == 3 else (None, *MEMORY_AXES))
+    t = xs["x"].shape[1]
+    x, memory = self._blocks(xs["x"], memory, xs["valid"], jnp.arange(t))
+    return memory, self.final_norm(x)
+
+  def _blocks(self, x, memory, valid, positions):
+    cfg = self.cfg
+    chained = cfg.use_memory and cfg.memory_flow == "chained"
+    shared = SegmentContext(memory if chained else None, valid, positions)
+    carry = (x, memory if chained else None)
+    banks = memory if cfg.use_memory and not chained else None  # [L_mem, B, M, D]
+    k = cfg.num_memory_layers
+    if cfg.scan_layers:
+      if self.memory_blocks is not None:
+        carry, banks = self.memory_blocks(carry, banks, shared)
+      if self.blocks is not None:
+        carry, _ = self.blocks(carry, None, shared)
+    else:
+      new_banks = []
+      for i in range(cfg.num_layers):
+        bank = banks[i] if banks is not None and i < k else None
+        carry, bank = getattr(self, f"block_{i}")(carry, bank, shared)
+        if bank is not None:
+          new_banks.append(bank)
+      if banks is not None:
+        banks = jnp.stack(new_banks)
+    x, chain = carry
+    return x, (chain if chained else banks)
+
+  def _logits(self, h: Array) -> Array:
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(h)
+    else:
+      logits = self.lm_head(h)
+    return constrain(logits.astype(jnp.float32), LOGIT_AXES)
+
+
+def _logits_body(mdl: LM2, memory, xs):
+  memory, h = mdl._run_segment(memory, xs)
+  return memory, mdl._logits(h)
+
+
+def _loss_body(mdl: LM2, memory, xs):
+  memory, h = mdl._run_segment(memory, xs)
+  logits = mdl._logits(h)                               # [B, T, V] float32
+  targets, mask = xs["targets"], xs["loss_mask"]
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  stats = ((nll * mask).sum(-1), mask.sum(-1), (correct * mask).sum(-1))
+  return memory, stats

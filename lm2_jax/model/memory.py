@@ -1,0 +1,150 @@
+"""The LM2 memory module of one block: a cross-attention read and a gated write (DESIGN.md §2).
+
+One score matrix per memory head serves both directions:
+
+    h   = RMSNorm(x)                       (the block's attention input)         [B, T, D]
+    sc  = (h Wq)(mem Wk)^T / sqrt(H)                                              [B, N, T, M]
+    read:  a_r = softmax over M (optionally only the top k);  e_mem = a_r (mem Wv)  [B, T, D]
+           out = sigmoid(e_mem W_out) * e_mem            (added to the residual by the block)
+    write: a_w = softmax over the segment's real tokens of sc^T                    [B, N, M, T]
+           u   = a_w (h Wu)                                                         [B, M, D]
+           mem' = sigmoid(u W_in + b_in) * tanh(u) + sigmoid(u W_f + b_f) * mem
+
+The block reads the bank as it stood at the start of the segment, so no token sees memory written from its
+own segment: causality holds by construction. The bank is float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm2_jax.model.config import ModelConfig
+from lm2_jax.model.layers import NEG_INF, Einsum, constrain, normal_init, param_with_axes
+from lm2_jax.typing import Array
+
+MEMORY_AXES = ("activation_batch", "activation_slots", "activation_embed")
+
+
+def initial_bank(cfg: ModelConfig, learned: Array | None = None) -> Array:
+  """The initial bank [M, D] (float32) of `cfg.memory_init`; `learned` is the learned init parameter."""
+  m, d = cfg.num_slots, cfg.d_model
+  if cfg.memory_init == "identity":
+    return jnp.eye(m, d, dtype=jnp.float32)
+  if cfg.memory_init == "zeros":
+    return jnp.zeros((m, d), jnp.float32)
+  if learned is None:
+    raise ValueError("memory_init='learned' needs the model parameters: call "
+                     "init_memory(cfg, batch_size, params=variables['params'])")
+  return jnp.asarray(learned, jnp.float32)
+
+
+def init_memory(cfg: ModelConfig, batch_size: int, params=None) -> Array | None:
+  """The initial memory carry: [B, M, D] (`chained`) or [L_mem, B, M, D] (`per_block`), float32.
+
+  Returns None for a model without memory. With `memory_init: learned` pass the model's params.
+  """
+  if not cfg.use_memory:
+    return None
+  learned = None
+  if cfg.memory_init == "learned" and params is not None:
+    learned = nn.unbox(params)["memory_init"]
+  bank = initial_bank(cfg, learned)
+  bank = jnp.broadcast_to(bank, (batch_size, *bank.shape))
+  if cfg.memory_flow == "per_block":
+    bank = jnp.broadcast_to(bank, (cfg.num_memory_layers, *bank.shape))
+  return bank
+
+
+class Gate(nn.Module):
+  """sigmoid(u W + b) for u [B, X, D]; the bias starts at `bias_init`."""
+
+  cfg: ModelConfig
+  bias_init: float = 0.0
+
+  @nn.compact
+  def __call__(self, u: Array) -> Array:
+    d = self.cfg.d_model
+    kernel = param_with_axes(self, "kernel", normal_init(self.cfg), (d, d), ("embed", "mem_embed"),
+                             self.cfg.weight_dtype)
+    z = jnp.einsum("BXD,DE->BXE", u, kernel.astype(self.cfg.compute_dtype))
+    bias = param_with_axes(self, "bias", nn.initializers.constant(self.bias_init), (d,),
+                           ("mem_embed",), self.cfg.weight_dtype)
+    return jax.nn.sigmoid(z.astype(jnp.float32) + bias.astype(jnp.float32)[None, None, :])
+
+
+class Memory(nn.Module):
+  """Reads a memory bank into a segment and writes the segment into a bank."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    d, nm, hm = cfg.d_model, cfg.memory_heads, cfg.memory_head_dim
+    head_axes = ("embed", "mem_heads", "mem_head_dim")
+    self.query = Einsum(cfg, (d, nm, hm), head_axes, "BTD,DNH->BTNH")
+    self.key = Einsum(cfg, (d, nm, hm), head_axes, "BMD,DNH->BMNH")
+    self.value = Einsum(cfg, (d, d), ("embed", "mem_embed"), "BMD,DE->BME")
+    self.update = Einsum(cfg, (d, d), ("embed", "mem_embed"), "BTD,DE->BTE")
+    if cfg.output_gate:
+      self.out_gate = Einsum(cfg, (d, d), ("embed", "mem_embed"), "BTD,DE->BTE")
+    if cfg.input_gate:
+      self.in_gate = Gate(cfg, 0.0)
+    if cfg.forget_gate:
+      self.forget_gate = Gate(cfg, cfg.forget_bias_init)
+
+  def _heads(self, x: Array) -> Array:
+    """[B, X, D] -> [B, X, Nm, H]."""
+    return x.reshape(*x.shape[:-1], self.cfg.memory_heads, self.cfg.memory_head_dim)
+
+  def __call__(self, h: Array, read_bank: Array, prev_bank: Array, valid: Array):
+    """Memory read for the segment and the written bank.
+
+    Args:
+      h: [B, T, D] the normalised block input of the segment.
+      read_bank: [B, M, D] float32, the bank the tokens read (as at the start of the segment).
+      prev_bank: [B, M, D] float32, the bank the write updates (== read_bank except in the chained flow).
+      valid: [B, T] real (non-padding) tokens; only they are written.
+    Returns:
+      (read [B, T, D] in the compute dtype, to add to the residual; new bank [B, M, D] float32).
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    bank = read_bank.astype(dt)
+    q = self.query(h)                                   # [B, T, Nm, H]
+    k = self.key(bank)                                  # [B, M, Nm, H]
+    scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(cfg.memory_head_dim))
+
+    # Read: each token attends over the slots.
+    read_scores = scores
+    if cfg.read_topk is not None and cfg.read_topk < cfg.num_slots:
+      kth = jax.lax.top_k(scores, cfg.read_topk)[0][..., -1:]
+      read_scores = jnp.where(scores >= kth, scores, NEG_INF)
+    read_probs = jax.nn.softmax(read_scores, axis=-1)
+    self.sow("intermediates", "read_attention", read_probs)
+    values = self._heads(self.value(bank))              # [B, M, Nm, H]
+    e_mem = jnp.einsum("BNTM,BMNH->BTNH", read_probs.astype(dt), values)
+    e_mem = e_mem.reshape(h.shape)
+    out = e_mem
+    if cfg.output_gate:
+      out = jax.nn.sigmoid(self.out_gate(e_mem).astype(jnp.float32)).astype(dt) * e_mem
+
+    # Write: each slot attends over the segment's real tokens.
+    write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
+    write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
+    hu = self._heads(self.update(h))                    # [B, T, Nm, H]
+    u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu.astype(jnp.float32))
+    u = u.reshape(prev_bank.shape)                      # [B, M, D] float32
+    g_in = self.in_gate(u.astype(dt)) if cfg.input_gate else 1.0
+    g_f = self.forget_gate(u.astype(dt)) if cfg.forget_gate else 1.0
+    new_bank = g_in * jnp.tanh(u) + g_f * prev_bank.astype(jnp.float32)
+    if cfg.input_gate:
+      self.sow("intermediates", "input_gate", jnp.mean(g_in, axis=(1, 2)))
+    if cfg.forget_gate:
+      self.sow("intermediates", "forget_gate", jnp.mean(g_f, axis=(1, 2)))
+    # A segment with no real token leaves the bank as it was (no decay, no NaN).
+    any_valid = jnp.any(valid, axis=1)[:, None, None]
+    new_bank = jnp.where(any_valid, new_bank, prev_bank.astype(jnp.float32))
+    return out, constrain(new_bank, MEMORY_AXES)
