@@ -1,0 +1,245 @@
+"""QA training rows for the segment-recurrent model: C segments of T tokens, the question in the last.
+
+Layout of a row (C = num_segments, T = segment_length):
+
+    segments 0..C-2   the story's facts, in order, at sentence boundaries, mixed with whole filler
+                      sentences (`filler_density` of the free space), then PAD. No fact straddles a
+                      segment boundary; facts land on random segments within `fact_segments`, so the
+                      distance from the last supporting fact to the question varies.
+    segment  C-1      [filler][PAD][question][SEP][answer][EOS][PAD...]; the question starts at a fixed
+                      offset (`question_offset`, from the task's longest question and answer), and the
+                      filler before it comes from a stream that depends only on the row, never the story.
+
+So nothing before the answer depends on the answer except the facts: the position of the question, and the
+text before it, are the same whatever the answer is. (A layout that padded before the question leaked the
+answer's length, and a memory-less model learnt it.) Targets are next-token targets over the whole row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lm2_jax.data import babi, filler as filler_lib, tokenizers
+
+LOSS_ON = ("answer", "all")
+
+
+class QALayoutError(ValueError):
+  """A sample does not fit the row layout (too many or too long facts, or a too short segment)."""
+
+
+def question_offset(task: str, tokenizer: tokenizers.Tokenizer, segment_length: int) -> int:
+  """Fixed start of the question in the last segment: room for the task's longest question and answer.
+
+  Raises:
+    QALayoutError: the segment cannot hold the longest question, SEP, the longest answer and EOS.
+  """
+  max_q = max(len(tokenizer.encode(q)) for q in babi.all_questions(task))
+  max_a = max(len(tokenizer.encode(a)) for a in babi.answer_vocab(task))
+  offset = segment_length - (max_q + max_a + 2)
+  if offset < 0:
+    raise QALayoutError(f"{task}: segment_length {segment_length} is too short for the question block "
+                        f"({max_q} question + {max_a} answer + SEP + EOS tokens); raise segment_length")
+  return offset
+
+
+def _greedy_end(lengths, i, seg, fill, capacity) -> int:
+  """Segment where greedy packing of facts i.. ends, starting in `seg` already holding `fill` tokens."""
+  for n in lengths[i:]:
+    if fill + n > capacity[seg]:
+      seg, fill = seg + 1, 0
+      if seg >= len(capacity) or n > capacity[seg]:
+        return len(capacity)
+    fill += n
+  return seg
+
+
+def assign_segments(lengths, capacity, low: int, high: int, rng: np.random.Generator) -> list[int]:
+  """A segment for every fact, in order, within [low, high], never overflowing a segment's capacity.
+
+  Each fact aims for a sorted uniform draw over [low, high] and is clipped to the range that still lets
+  the remaining facts fit, so facts spread across the range whenever they can.
+
+  Raises:
+    QALayoutError: the facts cannot fit in segments low..high.
+  """
+  cap = list(capacity[:high + 1])
+  if any(n > max(cap[low:]) for n in lengths) or _greedy_end(lengths, 0, low, 0, cap) > high:
+    raise QALayoutError(f"{len(lengths)} facts ({sum(lengths)} tokens, longest {max(lengths)}) do not fit "
+                        f"in segments {low}..{high} of {cap[low:]} tokens")
+  aims = np.sort(rng.integers(low, high + 1, size=len(lengths)))
+  seg, fill, out = low, 0, []
+  for i, n in enumerate(lengths):
+    earliest = seg if fill + n <= cap[seg] else seg + 1
+    latest = earliest
+    for s in range(earliest, high + 1):
+      start_fill = (fill if s == seg else 0) + n
+      if start_fill <= cap[s] and _greedy_end(lengths, i + 1, s, start_fill, cap) <= high:
+        latest = s
+    choice = int(np.clip(aims[i], earliest, latest))
+    fill = (fill if choice == seg else 0) + n
+    seg = choice
+    out.append(choice)
+  return out
+
+
+def _filler_tokens(stream, budget: int, tokenizer) -> list[list[int]]:
+  """Whole filler sentences (tokenized, each with a trailing space) totalling at most `budget` tokens."""
+  out, used = [], 0
+  while True:
+    ids = tokenizer.encode(next(stream) + " ")
+    if used + len(ids) > budget:
+      return out
+    out.append(ids)
+    used += len(ids)
+
+
+def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_segments: int,
+                  segment_length: int, rng: np.random.Generator, *, loss_on: str = "answer",
+                  filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
+                  add_bos: bool = False, offset: int | None = None,
+                  question_seed: int | None = None) -> dict[str, np.ndarray]:
+  """One training row of `sample`.
+
+  Args:
+    sample: the bAbI sample.
+    tokenizer: any `Tokenizer`; its PAD, SEP, EOS (and BOS) ids are used.
+    num_segments: C >= 2.
+    segment_length: T.
+    rng: draws fact placement and the filler streams' seeds.
+    loss_on: 'answer' (the answer tokens and the EOS after them) or 'all' (every real target token).
+    filler_density: fraction in [0, 1] of each segment's free space filled with whole filler sentences;
+      0 gives facts + PAD only.
+    filler: the filler source (`stream(seed)`); default the built-in `TemplateFiller`.
+    fact_segments: inclusive (first, last) range of segments the facts are spread over; default
+      (0, C-2), every context segment.
+    add_bos: put BOS at the start of the row.
+    offset: the question's start in the last segment; default `question_offset(task, ...)`. Pass it to
+      skip recomputing it.
+    question_seed: seed of the filler stream before the question; default drawn from `rng`. `QASource`
+      derives it from the row index alone, so that text is provably the same whatever the story.
+
+  Returns:
+    inputs int32[C*T], targets int32[C*T] (inputs shifted left, PAD last), loss_mask float32[C*T],
+    valid bool[C*T] (real input tokens), resets bool[C] (True at segment 0), and int32 scalars
+    answer_id (index in `babi.answer_vocab`, or -1), fact_segment (segment of the last supporting fact)
+    and question_segment (C-1).
+
+  Raises:
+    QALayoutError: the sample does not fit the layout.
+  """
+  C, T = num_segments, segment_length
+  if C < 2 or T < 1:
+    raise QALayoutError(f"need num_segments >= 2 and segment_length >= 1, got {C} and {T}")
+  if loss_on not in LOSS_ON:
+    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+  if not 0.0 <= filler_density <= 1.0:
+    raise ValueError(f"filler_density must be in [0, 1], got {filler_density}")
+  low, high = (0, C - 2) if fact_segments is None else fact_segments
+  if not 0 <= low <= high <= C - 2:
+    raise ValueError(f"fact_segments must satisfy 0 <= first <= last <= num_segments - 2 = {C - 2}, "
+                     f"got {fact_segments}")
+  filler = filler or filler_lib.TemplateFiller()
+  offset = question_offset(sample.task, tokenizer, T) if offset is None else offset
+  pad = tokenizer.pad_id
+
+  facts = [tokenizer.encode(s + " ") for s in sample.sentences]
+  capacity = [T - (1 if add_bos and c == 0 else 0) for c in range(C - 1)]
+  where = assign_segments([len(f) for f in facts], capacity, low, high, rng)
+  context_stream = filler.stream(int(rng.integers(2**62)))
+  question_seed = int(rng.integers(2**62)) if question_seed is None else question_seed
+  question_stream = filler.stream(question_seed)
+
+  rows = []
+  for c in range(C - 1):
+    mine = [f for f, s in zip(facts, where) if s == c]
+    free = capacity[c] - sum(len(f) for f in mine)
+    fill = _filler_tokens(context_stream, int(filler_density * free), tokenizer) if filler_density else []
+    ids = [tokenizer.bos_id] if add_bos and c == 0 else []
+    for piece in filler_lib.place_facts(mine, fill, rng):
+      ids += piece
+    rows.append(ids + [pad] * (T - len(ids)))
+
+  question, answer = tokenizer.encode(sample.question), tokenizer.encode(sample.answer)
+  block = question + [tokenizer.sep_id] + answer + [tokenizer.eos_id]
+  if offset + len(block) > T:
+    raise QALayoutError(f"question block of {len(block)} tokens does not fit after offset {offset} in a "
+                        f"segment of {T}: {sample.question!r} / {sample.answer!r}")
+  fill = _filler_tokens(question_stream, int(filler_density * offset), tokenizer) if filler_density else []
+  head = [t for piece in fill for t in piece]
+  rows.append(head + [pad] * (offset - len(head)) + block + [pad] * (T - offset - len(block)))
+
+  inputs = np.asarray(rows, dtype=np.int32).reshape(C * T)
+  targets = np.concatenate([inputs[1:], np.asarray([pad], np.int32)])
+  valid = inputs != pad
+  if loss_on == "all":
+    loss_mask = valid & (targets != pad)
+  else:
+    sep = (C - 1) * T + offset + len(question)
+    loss_mask = np.zeros(C * T, bool)
+    loss_mask[sep:sep + len(answer) + 1] = True
+  vocab = babi.answer_vocab(sample.task)
+  return {
+      "inputs": inputs,
+      "targets": targets,
+      "loss_mask": loss_mask.astype(np.float32),
+      "valid": valid,
+      "resets": np.arange(C) == 0,
+      "answer_id": np.int32(vocab.index(sample.answer) if sample.answer in vocab else -1),
+      "fact_segment": np.int32(where[max(sample.supporting)]),
+      "question_segment": np.int32(C - 1),
+  }
+
+
+class QASource:
+  """Random-access QA rows of one bAbI task and split (wrap it in a Grain `MapDataset`).
+
+  Row i is a pure function of the constructor arguments and i. A story that does not fit the layout is
+  replaced by the next draw for the same row (story index i + attempt * num_samples of the split's
+  stream, so rows never share a story); `rejections(i)` says how many draws row i skipped.
+  """
+
+  def __init__(self, task: str, split: str, seed: int, tokenizer: tokenizers.Tokenizer, num_segments: int,
+               segment_length: int, num_samples: int, *, loss_on: str = "answer",
+               filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
+               num_sentences=None, add_bos: bool = False, max_attempts: int = 64):
+    babi.check_task(task)
+    babi.split_seed(split, seed)
+    if num_samples < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    self.task, self.split, self.seed, self.tokenizer = task, split, seed, tokenizer
+    self.num_segments, self.segment_length, self.num_samples = num_segments, segment_length, num_samples
+    self.num_sentences, self.max_attempts = num_sentences, max_attempts
+    self.offset = question_offset(task, tokenizer, segment_length)
+    self._row_kw = dict(loss_on=loss_on, filler_density=filler_density,
+                        filler=filler or filler_lib.TemplateFiller(), fact_segments=fact_segments,
+                        add_bos=add_bos, offset=self.offset)
+
+  def __len__(self) -> int:
+    return self.num_samples
+
+  def _draw(self, index: int):
+    if not 0 <= index < self.num_samples:
+      raise IndexError(f"row {index} out of range for a QASource of {self.num_samples} rows")
+    errors = []
+    for attempt in range(self.max_attempts):
+      sample = babi.generate(self.task, self.seed, index + attempt * self.num_samples,
+                             num_sentences=self.num_sentences, split=self.split)
+      stream = babi.split_seed(self.split, self.seed)
+      rng = np.random.default_rng([babi.TASKS.index(self.task), stream, index, attempt, 0x9A])
+      question_seed = int(np.random.default_rng([stream, index, 0x9B]).integers(2**62))
+      try:
+        return attempt, encode_qa_row(sample, self.tokenizer, self.num_segments, self.segment_length, rng,
+                                      question_seed=question_seed, **self._row_kw)
+      except QALayoutError as e:
+        errors.append(str(e))
+    raise ValueError(f"{self.task}: row {index}: no story fits {self.num_segments} segments of "
+                     f"{self.segment_length} tokens in {self.max_attempts} draws (last: {errors[-1]}); "
+                     f"use shorter stories (num_sentences) or longer/more segments")
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self._draw(int(index))[1]
+
+  def rejections(self, index: int) -> int:
+    """How many stories row `index` skipped because they did not fit."""
+    return self._draw(int(index))[0]

@@ -1,0 +1,165 @@
+"""QA row layout: shapes, shifted targets, answer decoding, fixed question offset, fact placement, no leak."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from lm2_jax.data import babi, qa, tokenizers
+
+TOK = tokenizers.ByteTokenizer()
+C, T = 4, 64
+
+
+def _segments(row):
+  return row["inputs"].reshape(C, T)
+
+
+def _source(task="qa1", **kw):
+  kw = {"num_samples": 400, **kw}
+  return qa.QASource(task, "train", 0, TOK, kw.pop("num_segments", C), kw.pop("segment_length", T), **kw)
+
+
+def test_shapes_dtypes_and_shifted_targets():
+  row = _source()[3]
+  for key in ("inputs", "targets", "loss_mask", "valid"):
+    assert row[key].shape == (C * T,), key
+  assert (row["inputs"].dtype, row["targets"].dtype, row["loss_mask"].dtype, row["valid"].dtype) == (
+      np.int32, np.int32, np.float32, np.bool_)
+  assert row["resets"].tolist() == [True, False, False, False]
+  np.testing.assert_array_equal(row["targets"][:-1], row["inputs"][1:])
+  assert row["targets"][-1] == TOK.pad_id
+  np.testing.assert_array_equal(row["valid"], row["inputs"] != TOK.pad_id)
+  assert row["question_segment"] == C - 1 and row["answer_id"].dtype == np.int32
+
+
+@pytest.mark.parametrize("task", ["qa1", "qa2", "qa5", "qa8", "qa10"])
+def test_answer_tokens_decode_to_answer_and_offset_is_fixed(task):
+  src = _source(task, num_segments=6, segment_length=96, num_sentences=(3, 6))
+  vocab = babi.answer_vocab(task)
+  for i in range(40):
+    row = src[i]
+    last = _segments_of(row, 6, 96)[-1]
+    sep = int(np.flatnonzero(last == TOK.sep_id)[0])
+    question = TOK.decode(last[src.offset:sep])
+    assert question.endswith("?") and question in babi.all_questions(task)
+    # The question starts exactly at the fixed offset: the token before it is PAD or filler, not question.
+    assert TOK.decode(last[src.offset:src.offset + 1]) == question[0]
+    masked = row["targets"][row["loss_mask"] > 0]
+    assert masked[-1] == TOK.eos_id
+    assert TOK.decode(masked[:-1]) == vocab[row["answer_id"]]
+
+
+def _segments_of(row, c, t):
+  return row["inputs"].reshape(c, t)
+
+
+def test_loss_on_all_covers_real_targets():
+  row = _source(loss_on="all", filler_density=1.0)[5]
+  mask = row["loss_mask"] > 0
+  np.testing.assert_array_equal(mask, row["valid"] & (row["targets"] != TOK.pad_id))
+  answer_row = _source(filler_density=1.0)[5]
+  assert answer_row["loss_mask"].sum() < mask.sum()
+  assert np.all(mask[answer_row["loss_mask"] > 0])
+
+
+def test_facts_in_context_segments_never_straddle():
+  src = _source("qa2", num_segments=5, segment_length=80, num_sentences=(3, 8), filler_density=0.5)
+  for i in range(60):
+    row = src[i]
+    sample = _sample_of(src, i)
+    segs = _segments_of(row, 5, 80)
+    texts = [TOK.decode(s) for s in segs]
+    positions = []
+    for fact in sample.sentences:
+      hits = [c for c in range(4) if fact in texts[c]]
+      assert hits, (fact, texts)
+      positions.append(hits)
+    assert fact not in texts[4]
+    # In order: the facts appear in order within the concatenated context.
+    context = "|".join(texts[:4])
+    cursor = 0
+    for fact in sample.sentences:
+      cursor = context.index(fact, cursor) + len(fact)
+    assert row["fact_segment"] in positions[max(sample.supporting)]
+
+
+def _sample_of(src, i):
+  k = src.rejections(i)
+  return babi.generate(src.task, src.seed, i + k * src.num_samples, num_sentences=src.num_sentences,
+                       split=src.split)
+
+
+def test_supporting_fact_distance_varies():
+  src = _source()
+  counts = collections.Counter(int(src[i]["fact_segment"]) for i in range(200))
+  assert set(counts) == {0, 1, 2} and min(counts.values()) > 20, counts
+  narrow = _source(fact_segments=(2, 2))
+  assert {int(narrow[i]["fact_segment"]) for i in range(20)} == {2}
+
+
+def test_deterministic_random_access():
+  a, b = _source(filler_density=0.7), _source(filler_density=0.7)
+  for i in (7, 0, 123):
+    for k, v in a[i].items():
+      np.testing.assert_array_equal(v, b[i][k])
+  assert not np.array_equal(a[1]["inputs"], a[2]["inputs"])
+
+
+def test_no_answer_leak_through_layout():
+  """Everything in the last segment before the question is independent of the story and its answer."""
+  for density in (0.0, 1.0):
+    src = _source(filler_density=density, segment_length=96, num_segments=3)
+    first_real = collections.defaultdict(list)
+    for i in range(300):
+      row = src[i]
+      last = row["inputs"].reshape(3, 96)[-1]
+      real = np.flatnonzero(last != TOK.pad_id)
+      first_real[int(row["answer_id"])].append(int(real[0]))
+      sep = int(np.flatnonzero(last == TOK.sep_id)[0])
+      # The answer starts right after SEP, at offset + question length: the answer never moves it.
+      assert sep == src.offset + len(TOK.encode(TOK.decode(last[src.offset:sep])))
+    assert len(first_real) >= 5
+    if density == 0.0:
+      assert {p for ps in first_real.values() for p in ps} == {src.offset}
+    else:
+      means = [np.mean(ps) for ps in first_real.values()]
+      assert max(means) - min(means) < 3.0, first_real
+  # Stronger: the same row of two different tasks has the same tokens before the question.
+  one = _source("qa1", filler_density=1.0, segment_length=96, num_segments=3)
+  six = _source("qa6", filler_density=1.0, segment_length=96, num_segments=3)
+  off = min(one.offset, six.offset)
+  heads = [(one[i]["inputs"][192:192 + off], six[i]["inputs"][192:192 + off]) for i in range(30)]
+  assert any(np.any(h != TOK.pad_id) for h, _ in heads)
+  compared = 0
+  for h1, h6 in heads:
+    f1, f6 = h1[h1 != TOK.pad_id], h6[h6 != TOK.pad_id]
+    n = min(len(f1), len(f6))
+    np.testing.assert_array_equal(f1[:n], f6[:n])
+    compared += n > 0
+  assert compared >= 10
+
+
+def test_default_run_fits_facts_and_pad_only():
+  src = _source(num_samples=100)
+  for i in range(100):
+    row = src[i]
+    context = row["inputs"][:(C - 1) * T]
+    text = TOK.decode(context)
+    assert src.rejections(i) < 20
+    # No filler at density 0: every context sentence is a bAbI move.
+    assert all(" to the " in s for s in text.strip().split(".") if s.strip())
+
+
+def test_errors():
+  sample = babi.BabiSample("qa1", ("Mary went to the kitchen.",) * 6, "Where is Mary?", "kitchen", (5,))
+  with pytest.raises(qa.QALayoutError, match="do not fit"):
+    qa.encode_qa_row(sample, TOK, 2, 64, np.random.default_rng(0))
+  with pytest.raises(qa.QALayoutError, match="too short"):
+    qa.question_offset("qa5", TOK, 20)
+  with pytest.raises(ValueError, match="fact_segments"):
+    qa.encode_qa_row(sample, TOK, 4, 64, np.random.default_rng(0), fact_segments=(1, 3))
+  with pytest.raises(ValueError, match="no story fits"):
+    qa.QASource("qa3", "train", 0, TOK, 2, 80, 5, num_sentences=(10, 12), max_attempts=3)[0]
+  with pytest.raises(IndexError):
+    _source(num_samples=5)[5]
