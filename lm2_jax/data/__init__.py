@@ -1,0 +1,1 @@
+"""Data: tokenizers, the bAbI generator, the BABILong builder, text corpora and Grain pipelines."""
