@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from lm2_jax.model.config import ModelConfig
 from lm2_jax.model.layers import MLP, Attention, RMSNorm, constrain
@@ -42,21 +43,56 @@ class DecoderBlock(nn.Module):
   cfg: ModelConfig
   has_memory: bool
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    self.attn_norm = RMSNorm(cfg)
+    self.attn = Attention(cfg)
+    if self.has_memory:
+      self.memory = Memory(cfg)
+    self.mlp_norm = RMSNorm(cfg)
+    self.mlp = MLP(cfg)
+
   def __call__(self, carry, bank, shared: SegmentContext):
     cfg = self.cfg
     x, chain = carry
-    h = RMSNorm(cfg, name="attn_norm")(x)
-    update = Attention(cfg, name="attn")(h, shared.positions, shared.valid)
+    h = self.attn_norm(x)
+    update = self.attn(h, shared.positions, shared.valid)
     if self.has_memory:
       if cfg.memory_flow == "chained":
-        read, chain = Memory(cfg, name="memory")(h, shared.start_bank, chain, shared.valid)
+        read, chain = self.memory(h, shared.start_bank, chain, shared.valid)
       else:
-        read, bank = Memory(cfg, name="memory")(h, bank, bank, shared.valid)
+        read, bank = self.memory(h, bank, bank, shared.valid)
       update = update + read
     x = constrain(x + update, RESIDUAL_AXES)
-    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
-    return (constrain(x, RESIDUAL_AXES), chain), bank
+    return (self._mlp(x), chain), bank
+
+  def decode(self, x: Array, read_bank: Array | None, cache: tuple[Array, Array], cache_valid: Array,
+             index: Array):
+    """Runs n new tokens of the current segment against a KV cache (no memory write).
+
+    Args:
+      x: [B, n] + [D] block inputs of tokens at segment positions index..index+n-1.
+      read_bank: [B, M, D] the bank this block reads (segment start), None without memory.
+      cache: keys, values [B, T, K, H] of the segment so far; this call writes its n entries.
+      cache_valid: [B, T] real tokens in the cache, this call's tokens included.
+      index: int32 scalar, the segment position of x's first token.
+    Returns:
+      (block output [B, n, D], updated cache).
+    """
+    n, t = x.shape[1], cache[0].shape[1]
+    positions = index + jnp.arange(n)
+    h = self.attn_norm(x)
+    k_new, v_new = self.attn.project_kv(h, positions)
+    keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new.astype(cache[0].dtype), index, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new.astype(cache[1].dtype), index, axis=1)
+    update = self.attn(h, positions, None, kv=(keys, values), kv_pos=jnp.arange(t),
+                       kv_valid=cache_valid)
+    if self.has_memory:
+      update = update + self.memory.read(self.memory.scores(h, read_bank), read_bank)
+    return self._mlp(x + update), (keys, values)
+
+  def _mlp(self, x: Array) -> Array:
+    return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL_AXES)
 
 
 def remat_policy(name: str):

@@ -135,6 +135,34 @@ class LM2(nn.Module):
       bank = jnp.broadcast_to(bank, (self.cfg.num_memory_layers, *bank.shape))
     return bank
 
+  def decode(self, tokens: Array, memory: Array | None, cache: tuple, cache_valid: Array,
+             index: Array):
+    """Runs n tokens of the current segment against per-layer KV caches (incremental decoding).
+
+    Needs the unrolled layout (`scan_layers: false`); `lm2_jax.model.decode.Decoder` converts.
+
+    Args:
+      tokens: int32 [B, n] at segment positions index..index+n-1.
+      memory: the carry at the segment's start (read only; the write happens when the segment closes).
+      cache: per layer a (keys, values) pair [B, T, K, H].
+      cache_valid: [B, T] real tokens in the cache including these n.
+      index: int32 scalar segment position of the first token.
+    Returns:
+      (logits float32 [B, n, V], the updated caches).
+    """
+    cfg = self.cfg
+    if cfg.scan_layers:
+      raise ValueError("LM2.decode needs scan_layers=false; use lm2_jax.model.decode.Decoder")
+    x = self.embed(tokens)
+    new_cache = []
+    for i in range(cfg.num_layers):
+      bank = None
+      if i < cfg.num_memory_layers:
+        bank = memory if cfg.memory_flow == "chained" else memory[i]
+      x, layer_cache = getattr(self, f"block_{i}").decode(x, bank, cache[i], cache_valid, index)
+      new_cache.append(layer_cache)
+    return self._logits(self.final_norm(x)), tuple(new_cache)
+
   # Internals.
   def _initial_bank(self) -> Array:
     learned = self.memory_init if self.cfg.memory_init == "learned" else None

@@ -98,6 +98,51 @@ class Memory(nn.Module):
     """[B, X, D] -> [B, X, Nm, H]."""
     return x.reshape(*x.shape[:-1], self.cfg.memory_heads, self.cfg.memory_head_dim)
 
+  def scores(self, h: Array, bank: Array) -> Array:
+    """Token-slot scores [B, Nm, T, M] (float32) of inputs h [B, T, D] against a bank [B, M, D]."""
+    cfg = self.cfg
+    q = self.query(h)                                   # [B, T, Nm, H]
+    k = self.key(bank.astype(cfg.compute_dtype))        # [B, M, Nm, H]
+    scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
+    return scores / jnp.sqrt(jnp.float32(cfg.memory_head_dim))
+
+  def read(self, scores: Array, bank: Array) -> Array:
+    """The gated read [B, T, D] (compute dtype): each token attends over the slots."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    if cfg.read_topk is not None and cfg.read_topk < cfg.num_slots:
+      kth = jax.lax.top_k(scores, cfg.read_topk)[0][..., -1:]
+      scores = jnp.where(scores >= kth, scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    self.sow("intermediates", "read_attention", probs)
+    values = self._heads(self.value(bank.astype(dt)))   # [B, M, Nm, H]
+    e_mem = jnp.einsum("BNTM,BMNH->BTNH", probs.astype(dt), values)
+    e_mem = e_mem.reshape(*e_mem.shape[:2], cfg.d_model)
+    if not cfg.output_gate:
+      return e_mem
+    return jax.nn.sigmoid(self.out_gate(e_mem).astype(jnp.float32)).astype(dt) * e_mem
+
+  def write(self, scores: Array, h: Array, prev_bank: Array, valid: Array) -> Array:
+    """The bank after the segment [B, M, D] (float32): each slot attends over the real tokens."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
+    write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
+    hu = self._heads(self.update(h))                    # [B, T, Nm, H]
+    u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu.astype(jnp.float32))
+    u = u.reshape(prev_bank.shape)                      # [B, M, D] float32
+    prev = prev_bank.astype(jnp.float32)
+    g_in = self.in_gate(u.astype(dt)) if cfg.input_gate else 1.0
+    g_f = self.forget_gate(u.astype(dt)) if cfg.forget_gate else 1.0
+    new_bank = g_in * jnp.tanh(u) + g_f * prev
+    if cfg.input_gate:
+      self.sow("intermediates", "input_gate", jnp.mean(g_in, axis=(1, 2)))
+    if cfg.forget_gate:
+      self.sow("intermediates", "forget_gate", jnp.mean(g_f, axis=(1, 2)))
+    # A segment with no real token leaves the bank as it was (no decay, no NaN).
+    any_valid = jnp.any(valid, axis=1)[:, None, None]
+    return constrain(jnp.where(any_valid, new_bank, prev), MEMORY_AXES)
+
   def __call__(self, h: Array, read_bank: Array, prev_bank: Array, valid: Array):
     """Memory read for the segment and the written bank.
 
@@ -109,42 +154,5 @@ class Memory(nn.Module):
     Returns:
       (read [B, T, D] in the compute dtype, to add to the residual; new bank [B, M, D] float32).
     """
-    cfg = self.cfg
-    dt = cfg.compute_dtype
-    bank = read_bank.astype(dt)
-    q = self.query(h)                                   # [B, T, Nm, H]
-    k = self.key(bank)                                  # [B, M, Nm, H]
-    scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(cfg.memory_head_dim))
-
-    # Read: each token attends over the slots.
-    read_scores = scores
-    if cfg.read_topk is not None and cfg.read_topk < cfg.num_slots:
-      kth = jax.lax.top_k(scores, cfg.read_topk)[0][..., -1:]
-      read_scores = jnp.where(scores >= kth, scores, NEG_INF)
-    read_probs = jax.nn.softmax(read_scores, axis=-1)
-    self.sow("intermediates", "read_attention", read_probs)
-    values = self._heads(self.value(bank))              # [B, M, Nm, H]
-    e_mem = jnp.einsum("BNTM,BMNH->BTNH", read_probs.astype(dt), values)
-    e_mem = e_mem.reshape(h.shape)
-    out = e_mem
-    if cfg.output_gate:
-      out = jax.nn.sigmoid(self.out_gate(e_mem).astype(jnp.float32)).astype(dt) * e_mem
-
-    # Write: each slot attends over the segment's real tokens.
-    write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
-    write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
-    hu = self._heads(self.update(h))                    # [B, T, Nm, H]
-    u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu.astype(jnp.float32))
-    u = u.reshape(prev_bank.shape)                      # [B, M, D] float32
-    g_in = self.in_gate(u.astype(dt)) if cfg.input_gate else 1.0
-    g_f = self.forget_gate(u.astype(dt)) if cfg.forget_gate else 1.0
-    new_bank = g_in * jnp.tanh(u) + g_f * prev_bank.astype(jnp.float32)
-    if cfg.input_gate:
-      self.sow("intermediates", "input_gate", jnp.mean(g_in, axis=(1, 2)))
-    if cfg.forget_gate:
-      self.sow("intermediates", "forget_gate", jnp.mean(g_f, axis=(1, 2)))
-    # A segment with no real token leaves the bank as it was (no decay, no NaN).
-    any_valid = jnp.any(valid, axis=1)[:, None, None]
-    new_bank = jnp.where(any_valid, new_bank, prev_bank.astype(jnp.float32))
-    return out, constrain(new_bank, MEMORY_AXES)
+    scores = self.scores(h, read_bank)
+    return self.read(scores, read_bank), self.write(scores, h, prev_bank, valid)

@@ -1,0 +1,91 @@
+"""Full-size configs checked with jax.eval_shape only (no allocation); dtypes of the compute paths."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lm2_jax.model import LM2, ModelConfig, forward_flops_per_token
+from model_utils import init_model, tiny_config
+
+
+def _param_counts(path):
+  cfg = ModelConfig.from_yaml(path)
+  tokens = jax.ShapeDtypeStruct((1, cfg.segment_length), jnp.int32)
+  shapes = nn.unbox(jax.eval_shape(LM2(cfg).init, jax.random.key(0), tokens)["params"])
+  counts = {"memory": 0, "backbone": 0}
+  for path_, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    keys = [getattr(k, "key", str(k)) for k in path_]
+    kind = "memory" if "memory" in keys or "memory_init" in keys else "backbone"
+    counts[kind] += math.prod(leaf.shape)
+  return cfg, counts
+
+
+def test_lm2_1_7b_parameter_count():
+  cfg, counts = _param_counts("configs/model/lm2-1.7b.yaml")
+  print(f"lm2-1.7b: backbone {counts['backbone']:,} memory {counts['memory']:,} "
+        f"total {counts['backbone'] + counts['memory']:,}")
+  d, layers = cfg.d_model, cfg.num_layers
+  # 7 D x D memory matrices + 2 gate biases per block (DESIGN.md §2).
+  assert counts["memory"] == layers * (7 * d * d + 2 * d) == 469_827_584
+  assert counts["backbone"] == 1_235_814_400              # Llama-3.2-1B with tied embeddings
+  assert 1.70e9 < counts["backbone"] + counts["memory"] < 1.71e9
+
+
+def test_llama_1_2b_has_no_memory_parameters():
+  _, counts = _param_counts("configs/model/llama-1.2b.yaml")
+  assert counts["memory"] == 0
+  assert counts["backbone"] == 1_235_814_400
+
+
+def test_memory_in_first_k_blocks_only():
+  cfg = tiny_config(num_layers=3, memory_layers=1)
+  _, variables, _ = init_model(cfg, segments=1)
+  params = nn.unbox(variables["params"])
+  assert "memory" in params["block_0"]
+  assert "memory" not in params["block_1"] and "memory" not in params["block_2"]
+
+
+def test_gate_switches_remove_their_parameters():
+  cfg = tiny_config(output_gate=False, input_gate=False, forget_gate=False)
+  _, variables, _ = init_model(cfg, segments=1)
+  mem = nn.unbox(variables["params"])["block_0"]["memory"]
+  assert set(mem) == {"query", "key", "value", "update"}
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+  cfg = tiny_config()
+  model, variables, tokens = init_model(cfg, segments=2)
+  remat_model = LM2(cfg.replace(remat=remat))
+
+  def grads(m):
+    def loss(p):
+      stats, _ = m.apply({"params": p}, tokens, tokens, jnp.ones(tokens.shape), method=LM2.loss)
+      return stats.nll_sum.sum()
+    return jax.grad(loss)(variables["params"])
+
+  a, b = nn.unbox(grads(model)), nn.unbox(grads(remat_model))
+  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b))
+  assert max(diffs) <= 1e-6
+  assert max(jax.tree.leaves(jax.tree.map(lambda x: float(jnp.abs(x).max()), a))) > 0
+
+
+def test_bfloat16_compute_keeps_memory_float32():
+  cfg = tiny_config(dtype="bfloat16")
+  model, variables, tokens = init_model(cfg, segments=3)
+  logits, memory = model.apply(variables, tokens)
+  assert memory.dtype == jnp.float32 and logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits))) and bool(jnp.all(jnp.isfinite(memory)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(variables["params"])))
+
+
+def test_flops_count_memory():
+  base = ModelConfig.from_yaml("configs/model/small.yaml")
+  with_mem = forward_flops_per_token(base, 256)
+  without = forward_flops_per_token(base.replace(use_memory=False), 256)
+  d, m, t = base.d_model, base.num_slots, base.segment_length
+  per_layer = 2 * 3 * d * d + 2 * 3 * m * d + 2 * 4 * m * d * d / t
+  assert with_mem - without == pytest.approx(base.num_layers * per_layer)
