@@ -1,0 +1,99 @@
+"""Command line: Hugging Face Llama directory <-> Orbax checkpoint of LM2 params.
+
+  python -m lm2_jax.convert import --hf HF_DIR --out CKPT [key=value ...]
+  python -m lm2_jax.convert export --checkpoint CKPT --out HF_DIR [--max-shard-mb 2048]
+
+`import` writes CKPT as a plain `orbax.checkpoint.StandardCheckpointer` directory holding
+{"params": ...}, with `CKPT/model.yaml` (the ModelConfig) and the HF tokenizer files (tokenizer.json, ...)
+placed inside it. The key=value pairs are ModelConfig overrides, values parsed as YAML (e.g.
+`segment_length=1024 use_memory=true scan_layers=true`). `export` reads such a directory back and writes
+config.json + safetensors (+ lm2_memory.safetensors when the model has memory) and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+from flax import traverse_util
+
+from lm2_jax.convert.layout import abstract_params
+from lm2_jax.convert.llama import copy_tokenizer, load_hf_llama, save_hf_llama
+from lm2_jax.model import ModelConfig
+from lm2_jax.train.config import apply_overrides
+
+MODEL_CONFIG_FILE = "model.yaml"
+
+
+def import_hf(hf_dir: str, out: str, overrides: list[str]) -> pathlib.Path:
+  """HF directory -> Orbax checkpoint directory `out` (+ model.yaml and tokenizer files inside)."""
+  out_path = pathlib.Path(out).absolute()
+  if out_path.exists():
+    raise FileExistsError(f"--out {out_path} already exists; choose a new checkpoint directory")
+  model_overrides = apply_overrides({}, overrides)
+  cfg, variables = load_hf_llama(hf_dir, **model_overrides)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(out_path, {"params": variables["params"]})
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  (out_path / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  copy_tokenizer(hf_dir, out_path)
+  return out_path
+
+
+def restore_checkpoint(checkpoint: str | pathlib.Path) -> tuple[ModelConfig, dict]:
+  """Reads a directory written by `import_hf` (or any StandardCheckpointer {"params"} + model.yaml)."""
+  path = pathlib.Path(checkpoint).absolute()
+  config_path = path / MODEL_CONFIG_FILE
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{path}: no {MODEL_CONFIG_FILE}; expected a directory written by "
+                            "`python -m lm2_jax.convert import`")
+  cfg = ModelConfig.from_yaml(config_path)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {}
+  for key, leaf in abstract_params(cfg).items():
+    abstract[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+  target = {"params": traverse_util.unflatten_dict(abstract)}
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    variables = checkpointer.restore(path, target)
+  finally:
+    checkpointer.close()
+  return cfg, variables
+
+
+def export_hf(checkpoint: str, out: str, max_shard_mb: int) -> list[str]:
+  """Checkpoint directory from `import_hf` -> HF directory `out`."""
+  cfg, variables = restore_checkpoint(checkpoint)
+  return save_hf_llama(cfg, variables, out, tokenizer_dir=checkpoint,
+                       max_shard_bytes=max_shard_mb << 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m lm2_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  imp = commands.add_parser("import", help="Hugging Face Llama directory -> Orbax checkpoint")
+  imp.add_argument("--hf", required=True, help="directory written by save_pretrained")
+  imp.add_argument("--out", required=True, help="new checkpoint directory")
+  imp.add_argument("overrides", nargs="*", help="ModelConfig overrides, key=value")
+  exp = commands.add_parser("export", help="Orbax checkpoint -> Hugging Face Llama directory")
+  exp.add_argument("--checkpoint", required=True, help="directory written by `import`")
+  exp.add_argument("--out", required=True, help="output directory")
+  exp.add_argument("--max-shard-mb", type=int, default=2048, help="safetensors shard size (MiB)")
+  args = parser.parse_args(argv)
+  if args.command == "import":
+    out = import_hf(args.hf, args.out, args.overrides)
+    print(f"wrote {out} ({MODEL_CONFIG_FILE} inside)")
+  else:
+    files = export_hf(args.checkpoint, args.out, args.max_shard_mb)
+    print(f"wrote {args.out}: {', '.join(files)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

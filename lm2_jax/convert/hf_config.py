@@ -1,0 +1,158 @@
+"""Hugging Face Llama `config.json` <-> `ModelConfig`.
+
+Only what both sides can express is mapped: a Llama with SiLU SwiGLU MLP, no biases, head dim
+`hidden_size / num_attention_heads`, and plain RoPE (a `rope_scaling` / non-default `rope_parameters`,
+as in Llama 3.1+, has no ModelConfig field and is refused rather than silently dropped). Both the
+transformers 4 layout (`rope_theta`, `rope_scaling`) and the transformers 5 layout (`rope_parameters`)
+are read. An exported config also carries the full LM2 config under `LM2_KEY`, so that lm2_jax -> HF ->
+lm2_jax restores every knob (memory settings, segment length) exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+from lm2_jax.model.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+LM2_KEY = "lm2_jax_config"
+DEFAULT_SEGMENT_LENGTH = 2048
+_ARCHITECTURE = "LlamaForCausalLM"
+# ModelConfig fields fixed by the checkpoint's tensors: an override must not contradict them.
+_ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                        "mlp_dim", "tie_embeddings")
+_PARAM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+  """Reads `config.json` of a Hugging Face model directory, with errors that say what is wrong."""
+  hf_dir = pathlib.Path(hf_dir)
+  path = hf_dir / CONFIG_FILE
+  if not hf_dir.is_dir():
+    raise FileNotFoundError(f"Hugging Face model directory not found: {hf_dir}")
+  if not path.is_file():
+    raise FileNotFoundError(f"{hf_dir}: no {CONFIG_FILE}; expected a directory written by "
+                            "transformers' save_pretrained (config.json + *.safetensors)")
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON: {e}") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+  return config
+
+
+def model_config_from_hf(config: dict[str, Any], source: str = CONFIG_FILE,
+                         **overrides) -> ModelConfig:
+  """Builds the ModelConfig of a Hugging Face Llama config (a parsed config.json).
+
+  Args:
+    config: the parsed config.json.
+    source: where it came from, for error messages.
+    **overrides: ModelConfig fields to set (e.g. `segment_length`, `use_memory`, `scan_layers`).
+      Fields fixed by the weights (vocab_size, d_model, ...) may only be restated, not changed.
+
+  Returns:
+    The ModelConfig. Defaults beyond the HF config: `use_memory` False, `segment_length` 2048,
+    `param_dtype` the checkpoint's dtype (float16 becomes float32), or, for a config exported by
+    lm2_jax, the full config stored under `LM2_KEY`.
+  """
+  _check_llama(config, source)
+  hidden = _require(config, "hidden_size", source)
+  heads = _require(config, "num_attention_heads", source)
+  head_dim = config.get("head_dim")
+  if head_dim is not None and head_dim * heads != hidden:
+    raise ValueError(f"{source}: head_dim={head_dim} x num_attention_heads={heads} != hidden_size="
+                     f"{hidden}; lm2_jax's attention needs head dim = hidden_size / num_heads")
+  derived = {
+      "vocab_size": _require(config, "vocab_size", source),
+      "d_model": hidden,
+      "num_layers": _require(config, "num_hidden_layers", source),
+      "num_heads": heads,
+      "num_kv_heads": config.get("num_key_value_heads") or heads,
+      "mlp_dim": _require(config, "intermediate_size", source),
+      "rope_theta": float(_rope_theta(config, source)),
+      "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+      "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+  }
+  stored = config.get(LM2_KEY)
+  if stored is not None:
+    base = {**stored, **derived}
+  else:
+    base = {**derived, "use_memory": False, "segment_length": DEFAULT_SEGMENT_LENGTH}
+    dtype = config.get("dtype", config.get("torch_dtype"))
+    if dtype in _PARAM_DTYPES:
+      base["param_dtype"] = _PARAM_DTYPES[dtype]
+  for name in _ARCHITECTURE_FIELDS:
+    if name in overrides and overrides[name] != derived[name]:
+      raise ValueError(f"{source}: override {name}={overrides[name]!r} contradicts the checkpoint "
+                       f"({name}={derived[name]!r}); the weights fix this field, drop the override")
+  try:
+    return ModelConfig.from_dict(base, **overrides)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{source}: {e}") from None
+
+
+def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
+  """The transformers `LlamaConfig` dict of `cfg`'s backbone, plus the full LM2 config."""
+  return {
+      "architectures": [_ARCHITECTURE],
+      "model_type": "llama",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.norm_eps,
+      # Both spellings: transformers 4 reads rope_theta, transformers 5 reads rope_parameters.
+      "rope_theta": cfg.rope_theta,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "max_position_embeddings": cfg.segment_length,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "attention_bias": False,
+      "mlp_bias": False,
+      "torch_dtype": cfg.param_dtype,
+      LM2_KEY: dataclasses.asdict(cfg),
+  }
+
+
+def _check_llama(config: dict[str, Any], source: str) -> None:
+  architectures = config.get("architectures") or []
+  model_type = config.get("model_type")
+  if _ARCHITECTURE not in architectures and model_type != "llama":
+    raise ValueError(f"{source}: not a Llama model (architectures={architectures}, model_type="
+                     f"{model_type!r}); only {_ARCHITECTURE} checkpoints can be converted")
+  if config.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"{source}: hidden_act={config['hidden_act']!r}; lm2_jax's MLP is SwiGLU (silu)")
+  for key in ("attention_bias", "mlp_bias"):
+    if config.get(key):
+      raise ValueError(f"{source}: {key}=true; lm2_jax's Llama layers have no biases")
+
+
+def _rope_theta(config: dict[str, Any], source: str) -> float:
+  """rope_theta from either config layout; refuses RoPE scaling, which ModelConfig cannot express."""
+  scaling = config.get("rope_scaling")
+  params = config.get("rope_parameters") or {}
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if scaling or rope_type != "default":
+    found = scaling if scaling else params
+    raise ValueError(f"{source}: RoPE scaling {found} is not supported: ModelConfig has no "
+                     "rope_scaling field, and dropping it would change the model's outputs")
+  theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+  if not isinstance(theta, (int, float)) or theta <= 0:
+    raise ValueError(f"{source}: rope_theta must be a positive number, got {theta!r}")
+  return theta
+
+
+def _require(config: dict[str, Any], key: str, source: str) -> int:
+  value = config.get(key)
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"{source}: key {key!r} must be a positive integer, got {value!r}")
+  return value
