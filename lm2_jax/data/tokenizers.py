@@ -193,14 +193,15 @@ class HFTokenizer(Tokenizer):
     return self.backend.decode(_filter_ids(ids, self._special), skip_special_tokens=True)
 
 
-TOKENIZER_KINDS = ("byte", "sentencepiece", "hf")
+TOKENIZER_KINDS = ("byte", "words", "sentencepiece", "hf")
 
 
 def make_tokenizer(kind: str = "byte", path: str | None = None, **options) -> Tokenizer:
   """Builds the tokenizer a config names.
 
   Args:
-    kind: "byte" (no file), "sentencepiece" (a `.model` file) or "hf" (a `tokenizer.json`).
+    kind: "byte" (no file), "words" (a vocabulary file, one token per line; None = the built-in bAbI
+      vocabulary), "sentencepiece" (a `.model` file) or "hf" (a `tokenizer.json`).
     path: the tokenizer file; must be None for "byte".
     **options: keyword arguments of the tokenizer class: `sep_piece` for "sentencepiece"; `bos_token`,
       `eos_token`, `pad_token`, `sep_token` for "hf".
@@ -216,6 +217,11 @@ def make_tokenizer(kind: str = "byte", path: str | None = None, **options) -> To
     if path is not None or options:
       raise ValueError(f"tokenizer kind 'byte' takes no path or options (got path={path!r}, {options}).")
     return ByteTokenizer()
+  if kind == "words":
+    from lm2_jax.data.words import WordTokenizer  # pylint: disable=g-import-not-at-top
+    if options:
+      raise ValueError(f"tokenizer kind 'words' takes no options (got {options}).")
+    return WordTokenizer.babi() if path is None else WordTokenizer.from_file(path)
   classes = {"sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
   if kind not in classes:
     raise ValueError(f"unknown tokenizer kind {kind!r} (tokenizer.kind); use one of {TOKENIZER_KINDS}.")
