@@ -34,6 +34,8 @@ class ModelConfig:
     read_topk: keep the k largest read scores per query (None = dense read).
     output_gate, input_gate, forget_gate: false replaces that gate by the constant 1.
     forget_bias_init: initial forget-gate bias (+1: remember by default).
+    memory_norm: RMS-normalise the bank's rows before its key/value projections, so slot keys are as
+      distinct and as large as token queries whatever the bank's scale (identity rows have norm 1).
     memory_init: "identity" (rows of the identity, needs M <= D), "learned" or "zeros".
     memory_flow: "chained" (one bank, writes chained through the blocks) or "per_block".
     bptt_segments: stop gradients through the memory carry every k segments (0 = full BPTT).
@@ -64,6 +66,7 @@ class ModelConfig:
   input_gate: bool = True
   forget_gate: bool = True
   forget_bias_init: float = 1.0
+  memory_norm: bool = False
   memory_init: str = "identity"
   memory_flow: str = "chained"
   bptt_segments: int = 0

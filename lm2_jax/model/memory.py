@@ -98,11 +98,17 @@ class Memory(nn.Module):
     """[B, X, D] -> [B, X, Nm, H]."""
     return x.reshape(*x.shape[:-1], self.cfg.memory_heads, self.cfg.memory_head_dim)
 
+  def _bank_in(self, bank: Array) -> Array:
+    """The bank as the key/value projections see it (RMS-normalised rows with `memory_norm`)."""
+    if self.cfg.memory_norm:
+      bank = bank * jax.lax.rsqrt(jnp.mean(bank * bank, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return bank.astype(self.cfg.compute_dtype)
+
   def scores(self, h: Array, bank: Array) -> Array:
     """Token-slot scores [B, Nm, T, M] (float32) of inputs h [B, T, D] against a bank [B, M, D]."""
     cfg = self.cfg
     q = self.query(h)                                   # [B, T, Nm, H]
-    k = self.key(bank.astype(cfg.compute_dtype))        # [B, M, Nm, H]
+    k = self.key(self._bank_in(bank))                   # [B, M, Nm, H]
     scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
     return scores / jnp.sqrt(jnp.float32(cfg.memory_head_dim))
 
@@ -115,7 +121,7 @@ class Memory(nn.Module):
       scores = jnp.where(scores >= kth, scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     self.sow("intermediates", "read_attention", probs)
-    values = self._heads(self.value(bank.astype(dt)))   # [B, M, Nm, H]
+    values = self._heads(self.value(self._bank_in(bank)))  # [B, M, Nm, H]
     e_mem = jnp.einsum("BNTM,BMNH->BTNH", probs.astype(dt), values)
     e_mem = e_mem.reshape(*e_mem.shape[:2], cfg.d_model)
     if not cfg.output_gate:
@@ -136,9 +142,9 @@ class Memory(nn.Module):
     g_f = self.forget_gate(u.astype(dt)) if cfg.forget_gate else 1.0
     new_bank = g_in * jnp.tanh(u) + g_f * prev
     if cfg.input_gate:
-      self.sow("intermediates", "input_gate", jnp.mean(g_in, axis=(1, 2)))
+      self.sow("intermediates", "input_gate_mean", jnp.mean(g_in, axis=(1, 2)))
     if cfg.forget_gate:
-      self.sow("intermediates", "forget_gate", jnp.mean(g_f, axis=(1, 2)))
+      self.sow("intermediates", "forget_gate_mean", jnp.mean(g_f, axis=(1, 2)))
     # A segment with no real token leaves the bank as it was (no decay, no NaN).
     any_valid = jnp.any(valid, axis=1)[:, None, None]
     return constrain(jnp.where(any_valid, new_bank, prev), MEMORY_AXES)
