@@ -26,6 +26,8 @@ class ModelConfig:
   Attributes:
     vocab_size: V. d_model: D. num_layers: L. num_heads: N. num_kv_heads: K (grouped-query attention).
     mlp_dim: F, the SwiGLU hidden width. rope_theta, norm_eps: as in Llama.
+    rope_scaling_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_position:
+      Llama-3.1+ RoPE frequency scaling ("rope_type: llama3"); None = plain RoPE.
     tie_embeddings: the LM head reuses the embedding table.
     segment_length: T, tokens per segment; inputs are C*T tokens.
     use_memory: false gives a plain Llama with no memory parameters at all.
@@ -54,6 +56,10 @@ class ModelConfig:
   num_kv_heads: int = 2
   mlp_dim: int = 512
   rope_theta: float = 10000.0
+  rope_scaling_factor: float | None = None
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   segment_length: int = 64
@@ -96,6 +102,10 @@ class ModelConfig:
     if (self.d_model // self.num_heads) % 2:
       raise ValueError(f"head dim d_model/num_heads={self.d_model // self.num_heads} must be even "
                        "(RoPE rotates pairs); change ModelConfig.num_heads or d_model")
+    if self.rope_scaling_factor is not None and (
+        self.rope_scaling_factor <= 0 or self.rope_high_freq_factor <= self.rope_low_freq_factor):
+      raise ValueError("ModelConfig.rope_scaling_factor must be > 0 and rope_high_freq_factor > "
+                       "rope_low_freq_factor")
     if self.bptt_segments < 0:
       raise ValueError(f"ModelConfig.bptt_segments must be >= 0, got {self.bptt_segments}")
     if self.use_memory:

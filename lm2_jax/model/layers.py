@@ -66,18 +66,35 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.cfg.compute_dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: ModelConfig, head_dim: int) -> Array:
+  """Inverse frequencies [H/2] of RoPE, with Llama-3.1+ frequency scaling when configured.
+
+  The llama3 rule: wavelengths shorter than original_max / high_freq_factor keep their frequency, those
+  longer than original_max / low_freq_factor are divided by the factor, and those between interpolate.
+  """
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if cfg.rope_scaling_factor is None:
+    return inv_freq
+  factor, old = cfg.rope_scaling_factor, cfg.rope_original_max_position
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = jnp.where(wavelen > old / cfg.rope_low_freq_factor, inv_freq / factor, blended)
+  return jnp.where(wavelen < old / cfg.rope_high_freq_factor, inv_freq, scaled)
+
+
+def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   """Rotary embedding in the rotate-half convention (Hugging Face Llama's).
 
   Args:
     x: [B, T, N, H] queries or keys.
     positions: [T] or [B, T] integer positions.
-    theta: the RoPE base.
+    inv_freq: [H/2] inverse frequencies (`rope_frequencies`).
   Returns:
     x rotated, same shape and dtype.
   """
   h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
   pos = jnp.asarray(positions, jnp.float32)
   if pos.ndim == 1:
     pos = pos[None, :]
@@ -127,7 +144,10 @@ class Attention(nn.Module):
 
   def project_kv(self, h: Array, positions: Array) -> tuple[Array, Array]:
     """Rotated keys and values [B, T, K, H] of the normalised inputs h [B, T, D]."""
-    return rope(self.k_proj(h), positions, self.cfg.rope_theta), self.v_proj(h)
+    return rope(self.k_proj(h), positions, self._inv_freq()), self.v_proj(h)
+
+  def _inv_freq(self) -> Array:
+    return rope_frequencies(self.cfg, self.cfg.head_dim)
 
   def __call__(self, h: Array, positions: Array, valid: Array, kv=None, kv_pos=None,
                kv_valid=None) -> Array:
@@ -138,7 +158,7 @@ class Attention(nn.Module):
       kv, kv_pos, kv_valid: keys/values [B, S, K, H] to attend over instead of h's own (decoding);
         they must already contain this call's tokens.
     """
-    q = constrain(rope(self.q_proj(h), positions, self.cfg.rope_theta),
+    q = constrain(rope(self.q_proj(h), positions, self._inv_freq()),
                   ("activation_batch", "activation_length", "activation_heads", None))
     if kv is None:
       kv, kv_pos, kv_valid = self.project_kv(h, positions), positions, valid
