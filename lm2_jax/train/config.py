@@ -1,0 +1,360 @@
+"""The run configuration: typed sections loaded from YAML, composed by experiment files, overridable.
+
+An experiment file (configs/experiment/*.yaml) is a mapping of sections. A section's value is either a
+mapping or a path to a YAML file holding that mapping (relative to the file that names it), so
+`model: ../model/small.yaml` pulls in a model preset; a section mapping may also name such a file under
+`include:` and override some of its keys (`model: {include: ../model/small.yaml, d_model: 128}`). A top-level `base: other.yaml` starts from
+another experiment and deep-merges this file's sections on top. Command-line overrides are dotted
+`key=value` pairs whose values are parsed as YAML (`train.steps=200`, `model.use_memory=false`).
+
+Every section except `model` is a frozen dataclass here; `model` stays a plain mapping because its schema
+belongs to `lm2_jax.model.ModelConfig`, which validates it (`RunConfig.model_config`). Unknown keys and
+values of the wrong type fail at load time with the dotted key, so a typo never trains silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A run configuration that cannot be used; the message names the file and/or dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and step counts.
+
+  Attributes:
+    steps: optimizer steps of the whole run (a resumed run continues up to this number).
+    batch_size: global batch (rows) per optimizer step, over all processes.
+    micro_batches: gradient-accumulation chunks per step; must divide batch_size.
+    seed: seeds parameter init and the step RNG.
+    learning_rate: peak learning rate, reached after `warmup_steps`.
+    warmup_steps: linear warm-up from 0.
+    decay_steps: length of the cosine decay after warm-up; 0 = until `steps`.
+    min_lr_ratio: the cosine decays to learning_rate * min_lr_ratio.
+    b1, b2, eps: AdamW moments.
+    weight_decay: decoupled weight decay, applied to matrices only (see optimizer.py).
+    clip_norm: global gradient-norm clip; 0 disables it.
+  """
+
+  steps: int = 1000
+  batch_size: int = 32
+  micro_batches: int = 1
+  seed: int = 0
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  decay_steps: int = 0
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where batches come from (the segment length T comes from the model config).
+
+  Attributes:
+    kind: `qa` (generated bAbI rows, `lm2_jax.data.qa.QASource`) or `text` (a packed local corpus).
+    num_segments: C, segments per row.
+    task: the bAbI task (`qa1`..`qa10`) of a QA run.
+    train_size, eval_size: rows of the training and held-out splits (QA: the `train` and
+      `validation` story streams, which never share a story).
+    seed: the QA story-stream seed; also the shuffle seed of the training pipeline.
+    loss_on: `answer` (answer tokens + EOS) or `all` (every real token) for training; held-out QA rows are
+      always scored on the answer.
+    filler_density: fraction of each segment's free space filled with distractor sentences (QA).
+    num_sentences: story length in sentences (QA); 0 = the task's default range.
+    tokenizer: `byte` (no file), `sentencepiece` or `hf`; tokenizer_path: its file.
+    train_files, eval_files: comma-separated files / directories / globs of a `text` run.
+    shuffle: reshuffle the training rows every epoch.
+    worker_count: Grain worker processes (0 = in-process); batches do not depend on it.
+  """
+
+  kind: Literal["qa", "text"] = "qa"
+  num_segments: int = 4
+  task: str = "qa1"
+  train_size: int = 20000
+  eval_size: int = 1024
+  seed: int = 0
+  loss_on: Literal["answer", "all"] = "answer"
+  filler_density: float = 0.0
+  num_sentences: int = 0
+  tokenizer: str = "byte"
+  tokenizer_path: str = ""
+  train_files: str = ""
+  eval_files: str = ""
+  shuffle: bool = True
+  worker_count: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape over axes (data, fsdp, tensor); -1 on one axis = the rest of the devices.
+
+  Attributes:
+    data, fsdp, tensor: axis sizes.
+    num_devices: use the first N devices only (0 = all of them).
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  num_devices: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpointing.
+
+  Attributes:
+    enabled: write checkpoints at all (tests and quick sweeps may turn it off).
+    every: save every N steps (and always at the end, on SIGTERM/SIGINT).
+    keep: keep the last K checkpoints.
+    async_save: save in a background thread while training continues.
+  """
+
+  enabled: bool = True
+  every: int = 500
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  """Metrics, evaluation and progress display.
+
+  Attributes:
+    every: log train metrics every N steps.
+    eval_every: evaluate on the held-out split every N steps (0 = only at the end).
+    eval_batches: batches per periodic evaluation (0 = the whole held-out split).
+    tensorboard: also write TensorBoard event files.
+    progress: show a tqdm progress bar with ETA.
+    peak_flops: peak FLOP/s per device for MFU; 0 = measure with a timed matmul at start-up.
+  """
+
+  every: int = 10
+  eval_every: int = 0
+  eval_batches: int = 0
+  tensorboard: bool = True
+  progress: bool = True
+  peak_flops: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A whole run: the sections above plus the model mapping and where outputs go.
+
+  Attributes:
+    name: run name; outputs go to `<runs_dir>/<name>/`.
+    runs_dir: parent of run directories.
+    compare_to: run directory whose final_eval.json is printed next to this run's; empty = the sibling
+      `<name>-nomem` when it exists.
+    model: keyword arguments of `ModelConfig.from_dict` (validated by `model_config`).
+  """
+
+  name: str = "default"
+  runs_dir: str = "runs"
+  compare_to: str = ""
+  model: dict = dataclasses.field(default_factory=dict)
+  train: TrainConfig = TrainConfig()
+  data: DataConfig = DataConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  logging: LoggingConfig = LoggingConfig()
+
+  @property
+  def run_dir(self) -> pathlib.Path:
+    return pathlib.Path(self.runs_dir) / self.name
+
+  def model_config(self):
+    """The frozen `ModelConfig` of this run; its ValueError (naming the key) becomes a ConfigError."""
+    from lm2_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+
+    try:
+      return ModelConfig.from_dict(dict(self.model))
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"model section: {e}") from e
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+  """Returns `value` checked (and int -> float widened) against annotation `tp`; raises ConfigError."""
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    if value not in typing.get_args(tp):
+      raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+    return value
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _check_type(value, arg, key)
+      except ConfigError:
+        pass
+    raise ConfigError(f"{key}: {value!r} does not have type {tp}")
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      # YAML 1.1 reads `1e-4` (no dot) as a string; accept numeric text for float fields.
+      try:
+        return float(value)
+      except ValueError:
+        pass
+  elif tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif tp in (bool, str, dict):
+    if isinstance(value, tp):
+      return value
+  else:
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+  raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+  """Builds dataclass `cls` from mapping `data`, rejecting unknown keys and wrong types."""
+  if not isinstance(data, dict):
+    raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - fields)
+  if unknown:
+    where = f"{prefix}." if prefix else ""
+    raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+                      f"known keys of {prefix or 'the top level'}: {sorted(fields)}")
+  kwargs = {}
+  for name, value in data.items():
+    key = f"{prefix}.{name}" if prefix else name
+    tp = hints[name]
+    if dataclasses.is_dataclass(tp):
+      kwargs[name] = _build(tp, value, key)
+    else:
+      kwargs[name] = _check_type(value, tp, key)
+  return cls(**kwargs)
+
+
+def _read_yaml(path: pathlib.Path) -> dict:
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise ConfigError(f"cannot read config file {path}: {e}") from e
+  try:
+    data = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: invalid YAML: {e}") from e
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+  return data
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+  out = dict(base)
+  for k, v in top.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def load_experiment(path: str | pathlib.Path, _seen: tuple = ()) -> dict:
+  """Reads an experiment file into one plain mapping, resolving `base:` and section file includes."""
+  path = pathlib.Path(path).resolve()
+  if path in _seen:
+    raise ConfigError(f"{path}: `base:` cycle through {[str(p) for p in _seen]}")
+  data = _read_yaml(path)
+  merged: dict = {}
+  if "base" in data:
+    base = data.pop("base")
+    if not isinstance(base, str):
+      raise ConfigError(f"{path}: `base` must be a path string, got {base!r}")
+    merged = load_experiment(path.parent / base, _seen + (path,))
+  for section, value in data.items():
+    if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+      value = _read_yaml(path.parent / value)
+    elif isinstance(value, dict) and "include" in value:
+      value = dict(value)
+      include = value.pop("include")
+      if not isinstance(include, str):
+        raise ConfigError(f"{path}: {section}.include must be a path string, got {include!r}")
+      value = _deep_merge(_read_yaml(path.parent / include), value)
+    if isinstance(value, dict) and isinstance(merged.get(section), dict):
+      value = _deep_merge(merged[section], value)
+    merged[section] = value
+  return merged
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+  """Applies dotted `key=value` overrides (values parsed as YAML) to a plain config mapping."""
+  data = _deep_merge({}, data)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. train.steps=200")
+    key, raw = item.split("=", 1)
+    try:
+      value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+      child = node.setdefault(part, {})
+      if not isinstance(child, dict):
+        raise ConfigError(f"override {item!r}: {part} is not a section")
+      node = child
+    node[parts[-1]] = value
+  return data
+
+
+def from_dict(data: dict) -> RunConfig:
+  """Validates a plain mapping into a RunConfig; the model section is checked by ModelConfig."""
+  cfg = _build(RunConfig, data, "")
+  if cfg.train.micro_batches < 1 or cfg.train.batch_size % cfg.train.micro_batches:
+    raise ConfigError(f"train.micro_batches={cfg.train.micro_batches} must be >= 1 and divide "
+                      f"train.batch_size={cfg.train.batch_size}")
+  for key, value in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
+                     ("logging.every", cfg.logging.every), ("checkpoint.every", cfg.checkpoint.every),
+                     ("checkpoint.keep", cfg.checkpoint.keep),
+                     ("data.num_segments", cfg.data.num_segments)):
+    if value < 1:
+      raise ConfigError(f"{key}={value} must be >= 1")
+  for axis in ("data", "fsdp", "tensor"):
+    size = getattr(cfg.mesh, axis)
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}={size}: use a positive size or -1 (the rest of the devices)")
+  if cfg.mesh.num_devices < 0:
+    raise ConfigError(f"mesh.num_devices={cfg.mesh.num_devices}: use 0 (all devices) or a count")
+  if not cfg.name or "/" in cfg.name:
+    raise ConfigError(f"name={cfg.name!r}: give a non-empty run name without '/'")
+  return cfg
+
+
+def load_config(path: str | pathlib.Path, overrides: list[str] = (), validate_model: bool = True
+                ) -> RunConfig:
+  """Loads an experiment file, applies overrides and validates every section (model included)."""
+  cfg = from_dict(apply_overrides(load_experiment(path), list(overrides)))
+  if validate_model:
+    cfg.model_config()
+  return cfg
+
+
+def save_config(cfg: RunConfig, path: str | pathlib.Path) -> None:
+  """Writes the resolved config as YAML; `load_config` of that file gives back the same RunConfig."""
+  pathlib.Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,92 @@
+"""Held-out evaluation: token loss/accuracy, and for QA rows answer accuracy by fact distance.
+
+A QA row is answered correctly when every answer token (the loss mask of a held-out QA row, which is
+always the answer) is predicted right. Its distance is `question_segment - fact_segment`: how many
+segments back the memory had to carry the supporting fact.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+
+QA_KEYS = ("fact_segment", "question_segment")
+
+
+def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
+  """Runs `eval_fn` (numpy batch -> per-row stats) over `batches` and aggregates.
+
+  Returns:
+    {"loss", "accuracy", "num_samples"} and, when the batches carry QA fields, "answer_accuracy" and
+    "accuracy_by_distance" ({"<segments back>": accuracy}).
+  """
+  nll = weight = correct = 0.0
+  rows = 0
+  right_by_distance: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+  qa = False
+  for batch in batches:
+    stats = jax.device_get(eval_fn(batch))
+    nll += float(np.sum(stats["nll_sum"]))
+    weight += float(np.sum(stats["weight_sum"]))
+    correct += float(np.sum(stats["correct_sum"]))
+    rows += len(stats["nll_sum"])
+    if all(k in batch for k in QA_KEYS):
+      qa = True
+      answered = (stats["weight_sum"] > 0) & (stats["correct_sum"] == stats["weight_sum"])
+      distance = np.asarray(batch["question_segment"]) - np.asarray(batch["fact_segment"])
+      for d, ok in zip(distance.tolist(), answered.tolist()):
+        right_by_distance[d][0] += int(ok)
+        right_by_distance[d][1] += 1
+  out = {"loss": nll / max(weight, 1.0), "accuracy": correct / max(weight, 1.0), "num_samples": rows}
+  if qa:
+    total_right = sum(r for r, _ in right_by_distance.values())
+    out["answer_accuracy"] = total_right / max(rows, 1)
+    out["accuracy_by_distance"] = {str(d): r / n for d, (r, n) in sorted(right_by_distance.items())}
+  return out
+
+
+def final_report(result: dict, use_memory: bool) -> dict:
+  """The final_eval.json payload; `accuracy` is answer accuracy for QA runs, token accuracy otherwise."""
+  report = {
+      "accuracy": result.get("answer_accuracy", result["accuracy"]),
+      "token_accuracy": result["accuracy"],
+      "loss": result["loss"],
+      "accuracy_by_distance": result.get("accuracy_by_distance", {}),
+      "num_samples": result["num_samples"],
+      "use_memory": use_memory,
+  }
+  return report
+
+
+def write_json(path: str | pathlib.Path, payload: dict) -> None:
+  pathlib.Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def read_report(run_dir: str | pathlib.Path) -> dict | None:
+  path = pathlib.Path(run_dir) / "final_eval.json"
+  if not path.is_file():
+    return None
+  return json.loads(path.read_text())
+
+
+def comparison_table(reports: dict[str, dict]) -> str:
+  """A text table of answer accuracy (overall and by distance), one column per named report."""
+  names = list(reports)
+  distances = sorted({d for r in reports.values() for d in r.get("accuracy_by_distance", {})}, key=int)
+  width = max([12] + [len(n) for n in names]) + 2
+  lines = ["".ljust(22) + "".join(n.rjust(width) for n in names)]
+  def row(label, values):
+    return label.ljust(22) + "".join(
+        (f"{v:.3f}" if v is not None else "-").rjust(width) for v in values)
+  lines.append(row("accuracy", [reports[n]["accuracy"] for n in names]))
+  for d in distances:
+    lines.append(row(f"  {d} segment(s) back", [reports[n].get("accuracy_by_distance", {}).get(d)
+                                                for n in names]))
+  lines.append("".ljust(22) + "".join(str(reports[n]["num_samples"]).rjust(width) for n in names)
+               + "  samples")
+  return "\n".join(lines)

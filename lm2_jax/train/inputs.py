@@ -1,0 +1,97 @@
+"""Training and held-out row sources from the run config, and the Grain iterators over them.
+
+Each process reads its own shard of every batch (`process_index` / `process_count`); `mesh.global_batch`
+turns those rows into global arrays. The training iterator is the object whose position the checkpoint
+saves; held-out evaluation builds a fresh one-epoch, unshuffled iterator each time, so every evaluation
+sees the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Iterator
+
+import jax
+
+from lm2_jax.data import pipeline
+from lm2_jax.data import tokenizers as tokenizers_lib
+from lm2_jax.train.config import ConfigError, DataConfig
+
+
+def _tokenizer(cfg: DataConfig) -> tokenizers_lib.Tokenizer:
+  try:
+    return tokenizers_lib.make_tokenizer(cfg.tokenizer, cfg.tokenizer_path or None)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"data.tokenizer / data.tokenizer_path: {e}") from e
+
+
+def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
+                 cache_dir: str | pathlib.Path | None = None):
+  """(train_source, eval_source) of the run: random-access rows of [C*T] tokens.
+
+  Args:
+    cfg: the data section.
+    segment_length: T, from the model config.
+    vocab_size: the model's V; the tokenizer's must not exceed it.
+    cache_dir: where a text corpus caches its token stream.
+  """
+  tokenizer = _tokenizer(cfg)
+  if tokenizer.vocab_size > vocab_size:
+    raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
+                      f"{tokenizer.vocab_size} ids; raise model.vocab_size")
+  if cfg.kind == "qa":
+    from lm2_jax.data import qa  # pylint: disable=g-import-not-at-top
+
+    common = dict(task=cfg.task, seed=cfg.seed, tokenizer=tokenizer, num_segments=cfg.num_segments,
+                  segment_length=segment_length, filler_density=cfg.filler_density,
+                  num_sentences=cfg.num_sentences or None)
+    try:
+      train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on, **common)
+      held_out = qa.QASource(split="validation", num_samples=cfg.eval_size, loss_on="answer", **common)
+    except ValueError as e:
+      raise ConfigError(f"data section (qa): {e}") from e
+    return train, held_out
+  from lm2_jax.data import corpora, packing  # pylint: disable=g-import-not-at-top
+
+  def corpus(files: str, key: str):
+    if not files:
+      raise ConfigError(f"data.{key} is empty; a `text` run needs comma-separated files or globs")
+    paths = tuple(p.strip() for p in files.split(",") if p.strip())
+    try:
+      return packing.pack_corpus(corpora.CorpusConfig(paths=paths), tokenizer,
+                                 num_segments=cfg.num_segments, segment_len=segment_length,
+                                 cache_dir=None if cache_dir is None else str(cache_dir))
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(f"data.{key}: {e}") from e
+  return corpus(cfg.train_files, "train_files"), corpus(cfg.eval_files, "eval_files")
+
+
+def train_iterator(source, cfg: DataConfig, global_batch_size: int, seed: int):
+  """This process's endless, shuffled, resumable iterator of training batches."""
+  per_process = _per_process(global_batch_size)
+  return iter(pipeline.make_dataset(
+      source, batch_size=per_process, seed=seed, shuffle=cfg.shuffle,
+      process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=None,
+      worker_count=cfg.worker_count))
+
+
+def eval_batches(source, global_batch_size: int, max_batches: int = 0) -> Iterator[dict]:
+  """One unshuffled pass over the held-out rows (whole batches only), at most `max_batches` (0 = all)."""
+  per_process = _per_process(global_batch_size)
+  rows = len(source) // jax.process_count()
+  if rows < per_process:
+    raise ConfigError(f"data.eval_size={len(source)} gives fewer rows per process than one batch of "
+                      f"{per_process}; raise data.eval_size")
+  dataset = pipeline.make_map_dataset(
+      source, batch_size=per_process, seed=0, shuffle=False, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_epochs=1)
+  count = len(dataset) if not max_batches else min(max_batches, len(dataset))
+  for i in range(count):
+    yield dataset[i]
+
+
+def _per_process(global_batch_size: int) -> int:
+  if global_batch_size % jax.process_count():
+    raise ConfigError(f"train.batch_size={global_batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes")
+  return global_batch_size // jax.process_count()

@@ -1,0 +1,98 @@
+"""Metric sinks (metrics.jsonl, TensorBoard), the console progress bar, and MFU bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import tqdm
+
+
+class MetricsWriter:
+  """Appends one JSON line per (step, split) to `<run_dir>/metrics.jsonl` and mirrors it to TensorBoard.
+
+  A resumed run appends to the same files, so the history of a run survives restarts.
+  """
+
+  def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool = True, enabled: bool = True):
+    self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+    self.enabled = enabled
+    self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # pylint: disable=consider-using-with
+    self._tb = None
+    if enabled and tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+
+      self._tb = tensorboardX.SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+
+  def write(self, step: int, metrics: dict, split: str = "train") -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), "split": split}
+    row.update({k: float(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(run_dir: str | pathlib.Path, split: str | None = None) -> list[dict]:
+  """The rows of a run's metrics.jsonl (optionally one split), in file order."""
+  path = pathlib.Path(run_dir) / "metrics.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in rows if split is None or r["split"] == split]
+
+
+def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a float32 [size, size] matmul on device 0, best of `repeats` timed runs.
+
+  A stand-in for the vendor peak when none is configured; on CPU it is what this machine really
+  delivers, so MFU reads as the fraction of attainable matmul throughput.
+  """
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best
+
+
+def total_peak_flops(per_device: float) -> float:
+  """Peak FLOP/s of all devices; fake CPU devices share the host's cores, so they count once."""
+  if jax.devices()[0].platform == "cpu":
+    return per_device * jax.process_count()
+  return per_device * jax.device_count()
+
+
+class Progress:
+  """A tqdm bar over optimizer steps (ETA from tqdm), starting at the resumed step."""
+
+  def __init__(self, total: int, initial: int, enabled: bool = True):
+    self._bar = tqdm.tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                          unit="step", smoothing=0.1)
+
+  def update(self, steps: int, postfix: dict | None = None) -> None:
+    self._bar.update(steps)
+    if postfix:
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def write(self, message: str) -> None:
+    self._bar.write(message)
+
+  def close(self) -> None:
+    self._bar.close()

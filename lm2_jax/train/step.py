@@ -1,0 +1,141 @@
+"""The pure train and eval steps, and their one-time compilation with explicit shardings.
+
+The loss is token-weighted over the batch: sum of masked NLL / max(sum of mask, 1). Gradient accumulation
+scans over micro-batches summing the NLL gradient and the mask weight, and divides once at the end, so
+any number of micro-batches gives the same update as one full batch (up to float summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lm2_jax.train import mesh as mesh_lib
+from lm2_jax.train.state import TrainState
+from lm2_jax.typing import PyTree
+
+# Batch keys the model reads; QA bookkeeping keys (answer_id, fact_segment, ...) stay on the host.
+MODEL_KEYS = ("inputs", "targets", "loss_mask", "valid", "resets")
+
+
+def _loss_stats(model: nn.Module, params: PyTree, batch: dict, rng):
+  stats, _ = model.apply({"params": params}, batch["inputs"], batch["targets"], batch["loss_mask"],
+                         memory=None, resets=batch.get("resets"), valid=batch.get("valid"),
+                         method="loss", rngs={"dropout": rng})
+  return stats
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    micro_batches: int, mesh: Mesh | None = None) -> Callable:
+  """Returns train_step(state, batch) -> (state, metrics), pure and unjitted.
+
+  Args:
+    model: module with a `loss(tokens, targets, loss_mask, memory, resets, valid)` method returning
+      (LossStats, memory); LossStats holds per-row float32 [B] nll_sum, weight_sum, correct_sum.
+    tx: the optimizer.
+    schedule: the learning-rate schedule, reported in the metrics.
+    micro_batches: A, gradient-accumulation chunks; must divide the batch.
+    mesh: when given, each micro-batch is constrained to the batch sharding (rows over data x fsdp).
+
+  Metrics are float32 scalars: loss, accuracy (masked token accuracy), grad_norm (before clipping), lr
+  (of this step), tokens (masked tokens in the batch).
+  """
+
+  def nll_and_grads(params, batch, rng):
+    def nll_sum(p):
+      stats = _loss_stats(model, p, batch, rng)
+      nll = stats.nll_sum.sum()
+      return nll, (nll, stats.weight_sum.sum(), stats.correct_sum.sum())
+    grads, (nll, weight, correct) = jax.grad(nll_sum, has_aux=True)(params)
+    return grads, nll, weight, correct
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    rng, step_rng = jax.random.split(state.rng)
+    if micro_batches == 1:
+      grads, nll, weight, correct = nll_and_grads(state.params, batch, step_rng)
+    else:
+      def split(x):
+        # Row i*A + a goes to micro-batch a: every micro-batch keeps rows on every data shard.
+        x = x.reshape((x.shape[0] // micro_batches, micro_batches) + x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+          x = jax.lax.with_sharding_constraint(
+              x, NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES)))
+        return x
+
+      def body(carry, xs):
+        micro, index = xs
+        g, n, w, c = nll_and_grads(state.params, micro, jax.random.fold_in(step_rng, index))
+        acc_g, acc_n, acc_w, acc_c = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_n + n, acc_w + w, acc_c + c), None
+
+      zero = jnp.zeros((), jnp.float32)
+      carry = (jax.tree.map(jnp.zeros_like, state.params), zero, zero, zero)
+      xs = (jax.tree.map(split, batch), jnp.arange(micro_batches))
+      (grads, nll, weight, correct), _ = jax.lax.scan(body, carry, xs)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": nll / denom,
+        "accuracy": correct / denom,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "tokens": weight,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """Returns eval_step(params, batch) -> per-row float32 [B] nll_sum, weight_sum, correct_sum."""
+
+  def eval_step(params: PyTree, batch: dict) -> dict:
+    batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    stats = _loss_stats(model, params, batch, jax.random.PRNGKey(0))
+    return {"nll_sum": stats.nll_sum, "weight_sum": stats.weight_sum,
+            "correct_sum": stats.correct_sum}
+
+  return eval_step
+
+
+def abstract_batch(batch_size: int, seq_len: int, num_segments: int, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs of a model batch [B, C*T] (and resets [B, C]) with the batch sharding."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return {
+      "inputs": spec((batch_size, seq_len), jnp.int32),
+      "targets": spec((batch_size, seq_len), jnp.int32),
+      "loss_mask": spec((batch_size, seq_len), jnp.float32),
+      "valid": spec((batch_size, seq_len), jnp.bool_),
+      "resets": spec((batch_size, num_segments), jnp.bool_),
+  }
+
+
+def compile_train_step(train_step: Callable, state_shardings: TrainState, abstract_state: TrainState,
+                       batch: dict, mesh: Mesh):
+  """Jits `train_step` once (explicit shardings, donated state) and compiles it for `batch`'s shapes."""
+  in_batch = jax.tree.map(lambda x: x.sharding, batch)
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, in_batch),
+                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+    return jitted.lower(abstract_state, batch).compile()
+
+
+def compile_eval_step(eval_step: Callable, params_shardings: PyTree, abstract_params: PyTree,
+                      batch: dict, mesh: Mesh):
+  """Jits `eval_step` once for `batch`'s shapes; outputs are per-row arrays, replicated."""
+  in_batch = jax.tree.map(lambda x: x.sharding, batch)
+  jitted = jax.jit(eval_step, in_shardings=(params_shardings, in_batch),
+                   out_shardings=mesh_lib.replicated(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+    return jitted.lower(abstract_params, batch).compile()
