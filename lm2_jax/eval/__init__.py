@@ -1,0 +1,1 @@
+"""Evaluation: checkpoint loading, streaming QA (BABILong), scoring, perplexity, multiple choice, plots."""

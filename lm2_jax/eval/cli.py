@@ -1,0 +1,222 @@
+"""The command line of `eval.py`: BABILong (default), perplexity, multiple choice, memory attention maps.
+
+    python eval.py --run runs/A --run runs/B --tasks qa1,qa2 --lengths 0k,1k,4k [--data FILE.jsonl]
+    python eval.py perplexity --run runs/A --files data/*.txt
+    python eval.py mc --run runs/A --file mmlu.jsonl
+    python eval.py attention --run runs/A --task qa1 --length 1k --block 0
+
+Results go to `<run dir>/eval/` of the first model, or to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+COMMANDS = ("babilong", "perplexity", "mc", "attention")
+DEFAULT_LENGTHS = "0k,1k,2k,4k"
+
+
+class UsageError(ValueError):
+  """A bad command line (the message says which flag)."""
+
+
+def _parse_list(text: str, valid, what: str) -> list[str]:
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  bad = [t for t in items if t not in valid]
+  if bad or not items:
+    raise UsageError(f"--{what}: unknown {what} {bad or text!r}; valid {what}: {', '.join(valid)}")
+  return items
+
+
+def _add_model_args(parser: argparse.ArgumentParser, multiple: bool) -> None:
+  action = "append" if multiple else "store"
+  parser.add_argument("--run", action=action, default=[] if multiple else None,
+                      help="run directory runs/NAME (newest checkpoint)" + (", repeatable" if multiple else ""))
+  parser.add_argument("--checkpoint", action=action, default=[] if multiple else None,
+                      help="a checkpoints/ or checkpoints/STEP directory" + (", repeatable" if multiple else ""))
+  parser.add_argument("--model-config", default=None,
+                      help="model YAML to use instead of the checkpoint's saved config")
+  parser.add_argument("--out", default=None, help="output directory (default: <first run>/eval)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="eval.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command")
+  bl = sub.add_parser("babilong", help="BABILong QA accuracy, task x length")
+  _add_model_args(bl, multiple=True)
+  bl.add_argument("--tasks", default=",".join(f"qa{i}" for i in range(1, 11)))
+  bl.add_argument("--lengths", default=DEFAULT_LENGTHS)
+  bl.add_argument("--data", default=None, help="JSONL from `python -m lm2_jax.data.babilong` "
+                  "(default: build --samples per task and length now)")
+  bl.add_argument("--samples", type=int, default=20, help="samples per (task, length) when building")
+  bl.add_argument("--seed", type=int, default=0)
+  bl.add_argument("--split", default="test", choices=("train", "validation", "test"))
+  bl.add_argument("--batch-size", type=int, default=8)
+  bl.add_argument("--max-context", type=int, default=None,
+                  help="cut every context to its last N tokens (default: all for memory models, the "
+                       "training context for memory-less ones)")
+  bl.add_argument("--temperature", type=float, default=0.0)
+  bl.add_argument("--top-k", type=int, default=None)
+  bl.add_argument("--top-p", type=float, default=None)
+
+  ppl = sub.add_parser("perplexity", help="perplexity of local text, streamed segment by segment")
+  _add_model_args(ppl, multiple=True)
+  ppl.add_argument("--files", required=True, help="comma-separated files, directories or globs")
+  ppl.add_argument("--text-field", default="text")
+  ppl.add_argument("--txt-split", default="file", choices=("file", "blank_lines"))
+  ppl.add_argument("--max-documents", type=int, default=0, help="0 = all")
+
+  mc = sub.add_parser("mc", help="multiple choice (MMLU-style JSONL) by log-likelihood")
+  _add_model_args(mc, multiple=True)
+  mc.add_argument("--file", required=True, help="JSONL with question, choices, answer[, subject]")
+  mc.add_argument("--normalize", action="store_true", help="rank by mean (not summed) log-likelihood")
+
+  att = sub.add_parser("attention", help="memory read-attention heatmaps and memory updates (one sample)")
+  _add_model_args(att, multiple=False)
+  att.add_argument("--data", default=None, help="BABILong JSONL (default: build one sample now)")
+  att.add_argument("--task", default="qa1")
+  att.add_argument("--length", default="1k")
+  att.add_argument("--index", type=int, default=0, help="which sample of (task, length)")
+  att.add_argument("--seed", type=int, default=0)
+  att.add_argument("--block", type=int, default=0)
+  return parser
+
+
+def _load_models(args) -> list:
+  from lm2_jax.eval import checkpoints  # pylint: disable=g-import-not-at-top
+  from lm2_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  paths = ([args.run] if isinstance(args.run, str) else list(args.run or []))
+  paths += ([args.checkpoint] if isinstance(args.checkpoint, str) else list(args.checkpoint or []))
+  if not paths:
+    raise UsageError("give a model: --run runs/NAME or --checkpoint DIR")
+  override = ModelConfig.from_yaml(args.model_config) if args.model_config else None
+  models, seen = [], set()
+  for path in paths:
+    model = checkpoints.load_model(path, model_config=override)
+    name = model.name if model.name not in seen else f"{model.name}@{model.step}"
+    seen.add(name)
+    models.append(checkpoints.EvalModel(name, model.cfg, model.variables, model.tokenizer,
+                                        model.trained_length, model.step, model.source))
+  return models
+
+
+def _out_dir(args, models) -> pathlib.Path:
+  if args.out:
+    out = pathlib.Path(args.out)
+  else:
+    step_dir = pathlib.Path(models[0].source)
+    base = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir
+    out = base / "eval"
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def run_babilong(args) -> int:
+  from lm2_jax.eval import babilong_eval, tables  # pylint: disable=g-import-not-at-top
+  from lm2_jax.data import babi, babilong  # pylint: disable=g-import-not-at-top
+
+  tasks = _parse_list(args.tasks, babi.TASKS, "tasks")
+  lengths = _parse_list(args.lengths, babilong.LENGTHS, "lengths")
+  if args.batch_size < 1 or args.samples < 1:
+    raise UsageError("--batch-size and --samples must be >= 1")
+  models = _load_models(args)
+  if args.data:
+    rows = babilong_eval.select(babilong_eval.read_jsonl(args.data), tasks, lengths)
+  else:
+    rows = babilong_eval.build_rows(tasks, lengths, args.samples, args.seed, models[0].tokenizer,
+                                    args.split)
+  out = _out_dir(args, models)
+  reports = []
+  for model in models:
+    report = babilong_eval.evaluate(model, rows, batch_size=args.batch_size, max_context=args.max_context,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    seed=args.seed, progress=not args.no_progress)
+    babilong_eval.write_predictions(report, out / f"babilong_predictions_{_safe(model.name)}.jsonl")
+    reports.append(report)
+    print(tables.format_table(report, tasks, lengths) + "\n")
+  if len(reports) > 1:
+    print(tables.format_comparison(reports, tasks, lengths) + "\n")
+  text = "\n\n".join([tables.format_table(r, tasks, lengths) for r in reports]
+                     + [tables.format_comparison(reports, tasks, lengths)])
+  (out / "babilong.txt").write_text(text + "\n")
+  tables.write_json(tables.results_json(reports, tasks, lengths), out / "babilong.json")
+  tables.heatmap(reports, tasks, lengths, out / "babilong.png")
+  print(f"wrote {out / 'babilong.json'}, {out / 'babilong.txt'}, {out / 'babilong.png'}")
+  return 0
+
+
+def _safe(name: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)
+
+
+def run_perplexity(args) -> int:
+  from lm2_jax.eval import perplexity, tables  # pylint: disable=g-import-not-at-top
+
+  models = _load_models(args)
+  out = _out_dir(args, models)
+  results = {}
+  for model in models:
+    result = perplexity.corpus_perplexity(
+        model, args.files.split(","), text_field=args.text_field, txt_split=args.txt_split,
+        max_documents=args.max_documents or None, progress=not args.no_progress)
+    results[model.name] = result
+    print(f"{model.name}: perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+          f"({result['documents']} documents)")
+  tables.write_json(results, out / "perplexity.json")
+  print(f"wrote {out / 'perplexity.json'}")
+  return 0
+
+
+def run_mc(args) -> int:
+  from lm2_jax.eval import multiple_choice, tables  # pylint: disable=g-import-not-at-top
+
+  models = _load_models(args)
+  out = _out_dir(args, models)
+  items = multiple_choice.read_jsonl(args.file)
+  results = {}
+  for model in models:
+    result = multiple_choice.evaluate(model, items, normalize=args.normalize, progress=not args.no_progress)
+    results[model.name] = result
+    print(multiple_choice.format_result(model.name, result))
+  tables.write_json(results, out / "multiple_choice.json")
+  print(f"wrote {out / 'multiple_choice.json'}")
+  return 0
+
+
+def run_attention(args) -> int:
+  from lm2_jax.data import babi, babilong  # pylint: disable=g-import-not-at-top
+  from lm2_jax.eval import attention_maps, babilong_eval  # pylint: disable=g-import-not-at-top
+
+  babi.check_task(args.task)
+  babilong.check_length(args.length)
+  (model,) = _load_models(args)
+  if args.data:
+    rows = babilong_eval.select(babilong_eval.read_jsonl(args.data), [args.task], [args.length])
+  else:
+    rows = babilong_eval.build_rows([args.task], [args.length], args.index + 1, args.seed, model.tokenizer)
+  if args.index >= len(rows):
+    raise UsageError(f"--index {args.index}: only {len(rows)} samples of {args.task} {args.length}")
+  out = _out_dir(args, [model])
+  paths = attention_maps.plot_sample(model, rows[args.index], args.block, out)
+  print("wrote " + ", ".join(str(p) for p in paths))
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    argv = ["babilong", *argv]
+  args = _parser().parse_args(argv)
+  from lm2_jax.eval.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
+
+  runners = {"babilong": run_babilong, "perplexity": run_perplexity, "mc": run_mc,
+             "attention": run_attention}
+  try:
+    return runners[args.command](args)
+  except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
