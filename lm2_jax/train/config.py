@@ -74,8 +74,10 @@ class DataConfig:
     loss_on: `answer` (answer tokens + EOS) or `all` (every real token) for training; held-out QA rows are
       always scored on the answer.
     filler_density: fraction of each segment's free space filled with distractor sentences (QA).
-    num_sentences: story length in sentences (QA); 0 = the task's default range.
-    tokenizer: `byte` (no file), `sentencepiece` or `hf`; tokenizer_path: its file.
+    num_sentences, max_sentences: story length in sentences (QA): exactly num_sentences, or a uniform
+      range num_sentences..max_sentences when max_sentences > 0; 0 = the task's default range.
+    tokenizer: `byte` (no file), `words` (built-in bAbI vocabulary, or a vocabulary file),
+      `sentencepiece` or `hf`; tokenizer_path: its file.
     train_files, eval_files: comma-separated files / directories / globs of a `text` run.
     shuffle: reshuffle the training rows every epoch.
     worker_count: Grain worker processes (0 = in-process); batches do not depend on it.
@@ -90,6 +92,7 @@ class DataConfig:
   loss_on: Literal["answer", "all"] = "answer"
   filler_density: float = 0.0
   num_sentences: int = 0
+  max_sentences: int = 0
   tokenizer: str = "byte"
   tokenizer_path: str = ""
   train_files: str = ""

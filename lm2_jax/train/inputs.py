@@ -44,7 +44,7 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
 
     common = dict(task=cfg.task, seed=cfg.seed, tokenizer=tokenizer, num_segments=cfg.num_segments,
                   segment_length=segment_length, filler_density=cfg.filler_density,
-                  num_sentences=cfg.num_sentences or None)
+                  num_sentences=_story_length(cfg))
     try:
       train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on, **common)
       held_out = qa.QASource(split="validation", num_samples=cfg.eval_size, loss_on="answer", **common)
@@ -64,6 +64,16 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(f"data.{key}: {e}") from e
   return corpus(cfg.train_files, "train_files"), corpus(cfg.eval_files, "eval_files")
+
+
+def _story_length(cfg: DataConfig):
+  """QASource's num_sentences: None (task default), an exact count, or a (low, high) range."""
+  if cfg.max_sentences:
+    if not 1 <= cfg.num_sentences <= cfg.max_sentences:
+      raise ConfigError(f"data.num_sentences={cfg.num_sentences} must be in [1, data.max_sentences="
+                        f"{cfg.max_sentences}] when data.max_sentences is set")
+    return (cfg.num_sentences, cfg.max_sentences)
+  return cfg.num_sentences or None
 
 
 def train_iterator(source, cfg: DataConfig, global_batch_size: int, seed: int):
