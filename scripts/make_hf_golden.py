@@ -5,9 +5,17 @@ The fixtures pin lm2_jax's Llama backbone to an independent implementation (tran
 safetensors weights), plus `input_ids.npy` (int32 [2, 16]) and `logits.npy` (float32 [2, 16, V]) computed
 by the PyTorch model in float32 with eager attention.
 
-Two tiny random models (2 layers, hidden 64, 4 heads, 2 kv heads (GQA), MLP 128, vocab 300):
+Three tiny random models (2 layers, hidden 64, 4 heads, 2 kv heads (GQA), MLP 128, vocab 300):
   hf_tiny_llama_tied            tied embeddings, one `model.safetensors`
   hf_tiny_llama_untied_sharded  untied lm_head, several shards + `model.safetensors.index.json`
+  hf_tiny_llama_rope_llama3     untied, Llama-3.1 "llama3" RoPE scaling (`rope_parameters`)
+
+The llama3 fixture's scaling is shrunk to the fixture's scale so that it matters at positions 0..15:
+with head dim 16 and theta 1e4 the wavelengths are 2*pi*1e4^(i/8) = 6.3, 19.9, 62.8, 199, ...; an
+original context of 128 with low/high frequency factors 2 and 8 puts i=0 in the kept band (wavelength
+< 16), i=1..2 in the interpolated band and i>=3 in the divided band. The script checks each band is
+used and that the logits differ from those of the same weights without scaling by more than 1e-3, so
+an importer that dropped the scaling fails the parity test.
 
 Weights are drawn with std 0.2 (matrices) and norm scales 1 + 0.2 * N(0, 1), not HF's default std 0.02,
 so the logits depend strongly on every tensor and a wrong mapping (a missing transpose, swapped q/k,
@@ -19,7 +27,8 @@ Torch is not a dependency of lm2_jax: run this script in a separate Python 3.11 
   /tmp/hfvenv/bin/pip install /opt/wheels/torch-2.13.0+cpu-*.whl transformers safetensors numpy
   /tmp/hfvenv/bin/python scripts/make_hf_golden.py            # writes into tests/fixtures/
 
-It was last run with torch 2.13.0+cpu and transformers 5.24.0.
+It was last run with torch 2.13.0+cpu and transformers 5.24.0 (rerunning it reproduces the first two
+fixtures byte for byte).
 """
 
 import argparse
@@ -36,7 +45,14 @@ _BATCH, _LENGTH = 2, 16
 _STD = 0.2
 
 
-def _config(tie: bool) -> transformers.LlamaConfig:
+# The llama3 fixture's `rope_parameters` (see module docstring).
+_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 2.0,
+           "high_freq_factor": 8.0, "original_max_position_embeddings": 128}
+_HEAD_DIM = 16
+
+
+def _config(tie: bool, rope: dict | None = None) -> transformers.LlamaConfig:
+  rope_kwargs = {"rope_theta": 10000.0} if rope is None else {"rope_parameters": dict(rope)}
   return transformers.LlamaConfig(
       vocab_size=300,
       hidden_size=64,
@@ -44,9 +60,9 @@ def _config(tie: bool) -> transformers.LlamaConfig:
       num_hidden_layers=2,
       num_attention_heads=4,
       num_key_value_heads=2,
-      max_position_embeddings=64,
+      max_position_embeddings=64 if rope is None else 1024,
       rms_norm_eps=1e-5,
-      rope_theta=10000.0,
+      **rope_kwargs,
       tie_word_embeddings=tie,
       attention_bias=False,
       mlp_bias=False,
@@ -65,10 +81,25 @@ def _randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
         param.copy_(_STD * noise)
 
 
-def _make(out_dir: pathlib.Path, tie: bool, max_shard_size: str | None) -> None:
-  generator = torch.Generator().manual_seed(_SEED + int(tie))
-  model = transformers.LlamaForCausalLM(_config(tie)).to(torch.float32).eval()
+def _build(config: transformers.LlamaConfig) -> torch.nn.Module:
+  model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
   model.config._attn_implementation = "eager"  # pylint: disable=protected-access
+  return model
+
+
+def _check_llama3_bands(rope: dict) -> None:
+  """Each llama3 band (kept, interpolated, divided) holds at least one of the fixture's frequencies."""
+  wavelengths = [2 * np.pi * rope["rope_theta"] ** (i / _HEAD_DIM) for i in range(0, _HEAD_DIM, 2)]
+  old = rope["original_max_position_embeddings"]
+  kept = [w for w in wavelengths if w < old / rope["high_freq_factor"]]
+  divided = [w for w in wavelengths if w > old / rope["low_freq_factor"]]
+  assert kept and divided and len(kept) + len(divided) < len(wavelengths), wavelengths
+
+
+def _make(out_dir: pathlib.Path, tie: bool, max_shard_size: str | None,
+          rope: dict | None = None, seed_offset: int = 0) -> None:
+  generator = torch.Generator().manual_seed(_SEED + int(tie) + seed_offset)
+  model = _build(_config(tie, rope))
   _randomise(model, generator)
   if tie:
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -76,6 +107,15 @@ def _make(out_dir: pathlib.Path, tie: bool, max_shard_size: str | None) -> None:
   input_ids = torch.randint(0, model.config.vocab_size, (_BATCH, _LENGTH), generator=generator)
   with torch.no_grad():
     logits = model(input_ids=input_ids).logits.to(torch.float32)
+  if rope is not None:
+    _check_llama3_bands(rope)
+    plain = _build(_config(tie))
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+      unscaled = plain(input_ids=input_ids).logits.to(torch.float32)
+    change = float((logits - unscaled).abs().max())
+    print(f"{out_dir.name}: RoPE scaling changes the logits by up to {change:.4f}")
+    assert change > 1e-3, f"the RoPE scaling barely changes the logits ({change}); see the docstring"
 
   if out_dir.exists():
     shutil.rmtree(out_dir)
@@ -102,6 +142,8 @@ def main() -> None:
   print(f"torch {torch.__version__}, transformers {transformers.__version__}")
   _make(args.out / "hf_tiny_llama_tied", tie=True, max_shard_size=None)
   _make(args.out / "hf_tiny_llama_untied_sharded", tie=False, max_shard_size="200KB")
+  _make(args.out / "hf_tiny_llama_rope_llama3", tie=False, max_shard_size=None, rope=_LLAMA3,
+        seed_offset=2)
 
 
 if __name__ == "__main__":

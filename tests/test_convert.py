@@ -1,7 +1,8 @@
 """Hugging Face Llama interop: golden parity with transformers, exact round trips, bad input.
 
 The golden fixtures (tests/fixtures/hf_tiny_llama_*) were written by scripts/make_hf_golden.py with
-transformers' PyTorch LlamaForCausalLM (GQA: 4 heads, 2 kv heads); torch is not needed here.
+transformers' PyTorch LlamaForCausalLM (GQA: 4 heads, 2 kv heads; one with Llama-3.1 "llama3" RoPE
+scaling); torch is not needed here.
 """
 
 import json
@@ -21,13 +22,21 @@ from lm2_jax.convert.__main__ import main as cli_main
 from lm2_jax.convert.__main__ import restore_checkpoint
 from lm2_jax.convert.llama import MEMORY_FILE
 from lm2_jax.convert.safetensors_io import SafetensorsCheckpoint, write_safetensors
+from lm2_jax.eval.checkpoints import CheckpointError
 from lm2_jax.model import LM2
-from lm2_jax.train.config import MeshConfig
+from lm2_jax.train import checkpoint as train_checkpoint
+from lm2_jax.train import optimizer as optimizer_lib
+from lm2_jax.train import state as state_lib
+from lm2_jax.train.config import CheckpointConfig, MeshConfig, TrainConfig
 from lm2_jax.train.mesh import logical_shardings, make_mesh
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TIED = FIXTURES / "hf_tiny_llama_tied"
 UNTIED = FIXTURES / "hf_tiny_llama_untied_sharded"
+LLAMA3 = FIXTURES / "hf_tiny_llama_rope_llama3"
+# The llama3 fixture's rope_parameters, as ModelConfig fields.
+LLAMA3_FIELDS = {"rope_scaling_factor": 8.0, "rope_low_freq_factor": 2.0, "rope_high_freq_factor": 8.0,
+                 "rope_original_max_position": 128}
 # One 16-token segment: segment-local attention and RoPE positions 0..15 are then plain Llama's.
 SEG = {"segment_length": 16}
 MEMORY = {**SEG, "use_memory": True, "memory_layers": 1, "num_slots": 8, "memory_init": "learned"}
@@ -55,16 +64,54 @@ def _hf_tensors(directory):
   return {name: ckpt.read(name) for name in ckpt.names}
 
 
-@pytest.mark.parametrize("hf_dir", [TIED, UNTIED], ids=["tied", "untied_sharded"])
+@pytest.mark.parametrize("hf_dir", [TIED, UNTIED, LLAMA3], ids=["tied", "untied_sharded", "llama3"])
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_golden_logits_match_transformers(hf_dir, scan_layers):
   cfg, variables = load_hf_llama(hf_dir, scan_layers=scan_layers, **SEG)
   assert cfg.tie_embeddings == (hf_dir == TIED)
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.use_memory) == (4, 2, False)
-  assert ("lm_head" in variables["params"]) == (hf_dir == UNTIED)
+  assert ("lm_head" in variables["params"]) == (hf_dir != TIED)
+  scaled = {name: getattr(cfg, name) for name in LLAMA3_FIELDS}
+  assert (scaled == LLAMA3_FIELDS) == (hf_dir == LLAMA3)
+  assert (cfg.rope_scaling_factor is None) == (hf_dir != LLAMA3)
   golden = np.load(hf_dir / "logits.npy")
   error = np.abs(_logits(cfg, variables, np.load(hf_dir / "input_ids.npy")) - golden).max()
   assert error <= 1e-4, error
+
+
+def test_llama3_fixture_depends_on_the_rope_scaling(tmp_path):
+  """Without the scaling the fixture's logits are far off, so the parity above checks the mapping;
+  the transformers 4 spelling (rope_theta + rope_scaling) reads the same as rope_parameters."""
+  ids, golden = np.load(LLAMA3 / "input_ids.npy"), np.load(LLAMA3 / "logits.npy")
+  cfg, variables = load_hf_llama(LLAMA3, rope_scaling_factor=None, **SEG)
+  assert np.abs(_logits(cfg, variables, ids) - golden).max() > 1e-3
+  hf_dir = _copy(tmp_path, LLAMA3)
+  config = json.loads((hf_dir / "config.json").read_text())
+  rope = config.pop("rope_parameters")
+  config["rope_theta"] = rope.pop("rope_theta")
+  config["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+  (hf_dir / "config.json").write_text(json.dumps(config))
+  cfg4, _ = load_hf_llama(hf_dir, **SEG)
+  assert cfg4 == load_hf_llama(LLAMA3, **SEG)[0]
+  assert cfg4.rope_theta == 10000.0 and cfg4.rope_scaling_factor == 8.0
+
+
+def test_llama3_export_writes_both_spellings(tmp_path):
+  cfg, variables = load_hf_llama(LLAMA3, **SEG)
+  save_hf_llama(cfg, variables, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  expected = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+              "original_max_position_embeddings": 128}
+  assert config["rope_scaling"] == expected
+  assert config["rope_parameters"] == {**expected, "rope_theta": 10000.0}
+  assert config["max_position_embeddings"] > 128  # transformers warns unless it exceeds the original
+  config.pop("lm2_jax_config")  # read back from the HF keys alone
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  assert load_hf_llama(tmp_path, **SEG)[0] == cfg
+  original, exported = _hf_tensors(LLAMA3), _hf_tensors(tmp_path)
+  assert sorted(original) == sorted(exported)
+  for name, array in original.items():
+    np.testing.assert_array_equal(exported[name], array, err_msg=name)
 
 
 def test_golden_fixture_detects_a_wrong_mapping():
@@ -166,6 +213,50 @@ def test_cli_import_export_round_trip(tmp_path):
     cli_main(["import", "--hf", str(hf_dir), "--out", str(ckpt)])
 
 
+def _trainer_run(run_dir, cfg, params, tokenizer_json):
+  """A train.py run directory (config.yaml + checkpoints/3/{state,config}) holding `params`."""
+  tx = optimizer_lib.make_optimizer(TrainConfig())
+  state = state_lib.TrainState(step=jnp.asarray(3, jnp.int32), params=params,
+                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  run = {"name": run_dir.name, "model": cfg.to_dict(),
+         "data": {"tokenizer": "hf", "tokenizer_path": str(tokenizer_json)}}
+  run_dir.mkdir(parents=True)
+  (run_dir / "config.yaml").write_text(json.dumps(run))  # JSON is YAML
+  checkpointer = train_checkpoint.Checkpointer(run_dir / "checkpoints",
+                                               CheckpointConfig(async_save=False))
+  checkpointer.save(3, state, config=run)
+  checkpointer.close()
+
+
+@pytest.mark.parametrize("which", ["run", "checkpoints", "step"])
+def test_cli_export_from_a_trainer_checkpoint(tmp_path, which):
+  """`export --checkpoint` also takes a train.py run, its checkpoints/ or a step directory."""
+  cfg, variables = load_hf_llama(LLAMA3, scan_layers=True, use_memory=True, memory_layers=1,
+                                 num_slots=8, memory_init="learned", **SEG)
+  tokenizer = tmp_path / "my_tokenizer.json"
+  tokenizer.write_text('{"model": {"type": "BPE"}}')
+  run_dir = tmp_path / "runs" / "warm"
+  _trainer_run(run_dir, cfg, variables["params"], tokenizer)
+  path = {"run": run_dir, "checkpoints": run_dir / "checkpoints",
+          "step": run_dir / "checkpoints" / "3"}[which]
+  out = tmp_path / "out"
+  assert cli_main(["export", "--checkpoint", str(path), "--out", str(out)]) == 0
+  assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
+  assert (out / MEMORY_FILE).is_file()
+  original, exported = _hf_tensors(LLAMA3), _hf_tensors(out)
+  assert sorted(original) == sorted(exported)
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  cfg2, variables2 = load_hf_llama(out)
+  assert cfg2 == cfg
+  _assert_params_equal(variables2, variables)
+
+
+def test_cli_export_of_a_directory_without_a_checkpoint(tmp_path):
+  with pytest.raises(CheckpointError, match="no <step>/state.*convert import"):
+    cli_main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
 def test_write_safetensors_shards_and_reads_back(tmp_path):
   arrays = {f"t{i}": np.arange(i * 10, dtype=np.float32).reshape(i, 10) for i in range(1, 6)}
   written = write_safetensors(iter(arrays.items()), tmp_path, max_shard_bytes=120)
@@ -219,11 +310,25 @@ def test_non_llama_architecture(tmp_path):
     load_hf_llama(hf_dir, **SEG)
 
 
-def test_rope_scaling_is_refused(tmp_path):
+def test_unsupported_or_inconsistent_rope_is_refused(tmp_path):
   hf_dir = _copy(tmp_path)
-  _edit_config(hf_dir, rope_scaling={"rope_type": "llama3", "factor": 32.0})
-  with pytest.raises(ValueError, match="RoPE scaling.*rope_scaling"):
+  _edit_config(hf_dir, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+  with pytest.raises(ValueError, match="rope_scaling has rope_type 'yarn'"):
     load_hf_llama(hf_dir, **SEG)
+  _edit_config(hf_dir, rope_scaling=None,
+               rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+  with pytest.raises(ValueError, match="rope_parameters has rope_type 'linear'"):
+    load_hf_llama(hf_dir, **SEG)
+  _edit_config(hf_dir, rope_parameters=None, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                           "high_freq_factor": 4.0})
+  with pytest.raises(ValueError, match="rope_scaling with rope_type 'llama3' lacks 'low_freq_factor'"):
+    load_hf_llama(hf_dir, **SEG)
+  llama3 = _copy(tmp_path, LLAMA3)
+  config = json.loads((llama3 / "config.json").read_text())
+  stale = {**config["rope_parameters"], "factor": 4.0}
+  _edit_config(llama3, rope_scaling=stale)
+  with pytest.raises(ValueError, match="rope_scaling .* and rope_parameters .* describe different"):
+    load_hf_llama(llama3, **SEG)
 
 
 def test_override_contradicting_the_weights(tmp_path):

@@ -6,27 +6,27 @@
 `import` writes CKPT as a plain `orbax.checkpoint.StandardCheckpointer` directory holding
 {"params": ...}, with `CKPT/model.yaml` (the ModelConfig) and the HF tokenizer files (tokenizer.json, ...)
 placed inside it. The key=value pairs are ModelConfig overrides, values parsed as YAML (e.g.
-`segment_length=1024 use_memory=true scan_layers=true`). `export` reads such a directory back and writes
-config.json + safetensors (+ lm2_memory.safetensors when the model has memory) and the tokenizer files.
+`segment_length=1024 use_memory=true scan_layers=true`). `export` reads such a directory, or a trainer
+run directory (runs/NAME), its checkpoints/ directory (newest step) or one step directory, and writes
+config.json + safetensors (+ lm2_memory.safetensors when the model has memory) and the tokenizer files
+(a trainer run has them only when it trained with an `hf` tokenizer).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import pathlib
+import shutil
 import sys
 
-import jax
 import orbax.checkpoint as ocp
 import yaml
-from flax import traverse_util
 
-from lm2_jax.convert.layout import abstract_params
+from lm2_jax.convert.checkpoint import MODEL_CONFIG_FILE, read_params
 from lm2_jax.convert.llama import copy_tokenizer, load_hf_llama, save_hf_llama
 from lm2_jax.model import ModelConfig
 from lm2_jax.train.config import apply_overrides
-
-MODEL_CONFIG_FILE = "model.yaml"
 
 
 def import_hf(hf_dir: str, out: str, overrides: list[str]) -> pathlib.Path:
@@ -46,31 +46,25 @@ def import_hf(hf_dir: str, out: str, overrides: list[str]) -> pathlib.Path:
 
 
 def restore_checkpoint(checkpoint: str | pathlib.Path) -> tuple[ModelConfig, dict]:
-  """Reads a directory written by `import_hf` (or any StandardCheckpointer {"params"} + model.yaml)."""
-  path = pathlib.Path(checkpoint).absolute()
-  config_path = path / MODEL_CONFIG_FILE
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{path}: no {MODEL_CONFIG_FILE}; expected a directory written by "
-                            "`python -m lm2_jax.convert import`")
-  cfg = ModelConfig.from_yaml(config_path)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {}
-  for key, leaf in abstract_params(cfg).items():
-    abstract[key] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
-  target = {"params": traverse_util.unflatten_dict(abstract)}
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    variables = checkpointer.restore(path, target)
-  finally:
-    checkpointer.close()
-  return cfg, variables
+  """(cfg, {"params": ...}) of any checkpoint `export` accepts, on the default device."""
+  read = read_params(checkpoint)
+  return read.cfg, {"params": read.params}
 
 
 def export_hf(checkpoint: str, out: str, max_shard_mb: int) -> list[str]:
-  """Checkpoint directory from `import_hf` -> HF directory `out`."""
-  cfg, variables = restore_checkpoint(checkpoint)
-  return save_hf_llama(cfg, variables, out, tokenizer_dir=checkpoint,
-                       max_shard_bytes=max_shard_mb << 20)
+  """Params checkpoint or trainer run/checkpoints/step directory -> HF directory `out`."""
+  read = read_params(checkpoint)
+  tokenizer_dir = read.tokenizer if read.tokenizer is None or read.tokenizer.is_dir() else None
+  files = save_hf_llama(read.cfg, {"params": read.params}, out, tokenizer_dir=tokenizer_dir,
+                        max_shard_bytes=max_shard_mb << 20)
+  if read.tokenizer is not None and read.tokenizer.is_file():
+    # A trainer's `hf` tokenizer is one tokenizer.json file, possibly under another name.
+    shutil.copyfile(read.tokenizer, pathlib.Path(out) / "tokenizer.json")
+    files.append("tokenizer.json")
+  elif read.tokenizer is None:
+    logging.warning("%s: no Hugging Face tokenizer to export (the run's tokenizer is not `hf`); "
+                    "%s has the weights and config only", read.source, out)
+  return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
   imp.add_argument("--out", required=True, help="new checkpoint directory")
   imp.add_argument("overrides", nargs="*", help="ModelConfig overrides, key=value")
   exp = commands.add_parser("export", help="Orbax checkpoint -> Hugging Face Llama directory")
-  exp.add_argument("--checkpoint", required=True, help="directory written by `import`")
+  exp.add_argument("--checkpoint", required=True,
+                   help="directory written by `import`, or a train.py run / checkpoints / step directory")
   exp.add_argument("--out", required=True, help="output directory")
   exp.add_argument("--max-shard-mb", type=int, default=2048, help="safetensors shard size (MiB)")
   args = parser.parse_args(argv)

@@ -1,10 +1,12 @@
 """Hugging Face Llama `config.json` <-> `ModelConfig`.
 
 Only what both sides can express is mapped: a Llama with SiLU SwiGLU MLP, no biases, head dim
-`hidden_size / num_attention_heads`, and plain RoPE (a `rope_scaling` / non-default `rope_parameters`,
-as in Llama 3.1+, has no ModelConfig field and is refused rather than silently dropped). Both the
-transformers 4 layout (`rope_theta`, `rope_scaling`) and the transformers 5 layout (`rope_parameters`)
-are read. An exported config also carries the full LM2 config under `LM2_KEY`, so that lm2_jax -> HF ->
+`hidden_size / num_attention_heads`, and RoPE either plain or with Llama-3.1+ "llama3" frequency
+scaling (factor, low/high_freq_factor, original_max_position_embeddings -> ModelConfig.rope_scaling_*).
+Other RoPE types (linear, dynamic, yarn, ...) have no ModelConfig fields and are refused rather than
+silently dropped, since dropping them changes the model's outputs. Both the transformers 4 layout
+(`rope_theta`, `rope_scaling`) and the transformers 5 layout (`rope_parameters`) are read, and both are
+written. An exported config also carries the full LM2 config under `LM2_KEY`, so that lm2_jax -> HF ->
 lm2_jax restores every knob (memory settings, segment length) exactly.
 """
 
@@ -26,6 +28,11 @@ _ARCHITECTURE = "LlamaForCausalLM"
 _ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                         "mlp_dim", "tie_embeddings")
 _PARAM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}
+_LLAMA3 = "llama3"
+# HF llama3 rope key -> ModelConfig field.
+_LLAMA3_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                "high_freq_factor": "rope_high_freq_factor",
+                "original_max_position_embeddings": "rope_original_max_position"}
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
@@ -75,7 +82,7 @@ def model_config_from_hf(config: dict[str, Any], source: str = CONFIG_FILE,
       "num_heads": heads,
       "num_kv_heads": config.get("num_key_value_heads") or heads,
       "mlp_dim": _require(config, "intermediate_size", source),
-      "rope_theta": float(_rope_theta(config, source)),
+      **_rope_fields(config, source),
       "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
       "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
   }
@@ -111,10 +118,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
       "head_dim": cfg.head_dim,
       "hidden_act": "silu",
       "rms_norm_eps": cfg.norm_eps,
-      # Both spellings: transformers 4 reads rope_theta, transformers 5 reads rope_parameters.
-      "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      "max_position_embeddings": cfg.segment_length,
+      **_hf_rope(cfg),
       "tie_word_embeddings": cfg.tie_embeddings,
       "attention_bias": False,
       "mlp_bias": False,
@@ -136,19 +140,79 @@ def _check_llama(config: dict[str, Any], source: str) -> None:
       raise ValueError(f"{source}: {key}=true; lm2_jax's Llama layers have no biases")
 
 
-def _rope_theta(config: dict[str, Any], source: str) -> float:
-  """rope_theta from either config layout; refuses RoPE scaling, which ModelConfig cannot express."""
-  scaling = config.get("rope_scaling")
+def _rope_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
+  """The ModelConfig RoPE fields of either config layout: plain RoPE or "llama3" scaling only.
+
+  transformers 5 lets a non-empty `rope_scaling` win over `rope_parameters`; when a config carries both
+  (as lm2_jax's exports do, for transformers 4 and 5) they must agree, since which one applies depends
+  on the reader's version.
+  """
+  scaling = config.get("rope_scaling") or {}
   params = config.get("rope_parameters") or {}
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  if scaling or rope_type != "default":
-    found = scaling if scaling else params
-    raise ValueError(f"{source}: RoPE scaling {found} is not supported: ModelConfig has no "
-                     "rope_scaling field, and dropping it would change the model's outputs")
-  theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-  if not isinstance(theta, (int, float)) or theta <= 0:
+  for key, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+    if not isinstance(value, dict):
+      raise ValueError(f"{source}: {key} must be a JSON object, got {value!r}")
+  kinds = {key: value.get("rope_type", value.get("type", "default"))
+           for key, value in (("rope_scaling", scaling), ("rope_parameters", params)) if value}
+  for key, kind in kinds.items():
+    if kind not in ("default", _LLAMA3):
+      raise ValueError(f"{source}: {key} has rope_type {kind!r}, which lm2_jax cannot express (only "
+                       f"plain RoPE and Llama-3.1 {_LLAMA3!r} scaling); dropping it would change the "
+                       "model's outputs")
+  partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise ValueError(f"{source}: partial_rotary_factor={partial!r}; lm2_jax rotates the whole head")
+  theta = params.get("rope_theta", scaling.get("rope_theta", config.get("rope_theta", 10000.0)))
+  if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
     raise ValueError(f"{source}: rope_theta must be a positive number, got {theta!r}")
-  return theta
+  fields = {"rope_theta": float(theta), "rope_scaling_factor": None}
+  scaled = {key: _llama3_fields(value, key, config, source)
+            for key, value in (("rope_scaling", scaling), ("rope_parameters", params))
+            if kinds.get(key) == _LLAMA3}
+  if len(kinds) == 2 and (len(set(kinds.values())) == 2 or (
+      len(scaled) == 2 and scaled["rope_scaling"] != scaled["rope_parameters"])):
+    raise ValueError(f"{source}: rope_scaling {scaling} and rope_parameters {params} describe "
+                     "different RoPE; which one applies depends on the transformers version, so "
+                     "remove the stale one")
+  if scaled:
+    fields.update(scaled.get("rope_scaling") or scaled["rope_parameters"])
+  return fields
+
+
+def _llama3_fields(rope: dict[str, Any], key: str, config: dict[str, Any],
+                   source: str) -> dict[str, Any]:
+  """ModelConfig fields of one llama3 rope dict; a missing original_max_position_embeddings falls
+  back to the config's top-level one, then max_position_embeddings, as transformers 5 does."""
+  fields = {}
+  for hf_key, field in _LLAMA3_KEYS.items():
+    value = rope.get(hf_key)
+    if value is None and hf_key == "original_max_position_embeddings":
+      value = config.get(hf_key, config.get("max_position_embeddings"))
+    if value is None:
+      raise ValueError(f"{source}: {key} with rope_type {_LLAMA3!r} lacks {hf_key!r}")
+    wanted = int if hf_key == "original_max_position_embeddings" else (int, float)
+    if not isinstance(value, wanted) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f"{source}: {key}[{hf_key!r}] must be a positive number, got {value!r}")
+    fields[field] = value if hf_key == "original_max_position_embeddings" else float(value)
+  return fields
+
+
+def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
+  """config.json RoPE keys of `cfg` in both spellings: transformers 4 reads rope_theta (+ rope_scaling),
+  transformers 5 reads rope_parameters (and lets rope_scaling win, so the two always agree)."""
+  out = {"rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.segment_length}
+  if cfg.rope_scaling_factor is None:
+    out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return out
+  scaling = {"rope_type": _LLAMA3}
+  for hf_key, field in _LLAMA3_KEYS.items():
+    scaling[hf_key] = getattr(cfg, field)
+  out["rope_scaling"] = scaling
+  out["rope_parameters"] = {**scaling, "rope_theta": cfg.rope_theta}
+  # The context the scaling stretches to; transformers warns unless it exceeds the original one.
+  out["max_position_embeddings"] = max(cfg.segment_length, int(
+      cfg.rope_original_max_position * cfg.rope_scaling_factor))
+  return out
 
 
 def _require(config: dict[str, Any], key: str, source: str) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
@@ -89,7 +90,7 @@ def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None
   return checkpoints / str(steps[-1]), run_dir
 
 
-def _run_config(step_dir: pathlib.Path, run_dir: pathlib.Path | None) -> tuple[dict, str]:
+def run_config(step_dir: pathlib.Path, run_dir: pathlib.Path | None) -> tuple[dict, str]:
   """The run config mapping of a checkpoint (its saved `config` item, else the run's config.yaml)."""
   if (step_dir / "config").is_dir():
     try:
@@ -144,30 +145,45 @@ def restore_params(step_dir: pathlib.Path, cfg: ModelConfig) -> PyTree:
   Raises:
     CheckpointError: the state cannot be read, or its parameters do not match `cfg`.
   """
-  state_dir = step_dir / "state"
+  return restore_params_item(step_dir / "state", cfg)
+
+
+def restore_params_item(item_dir: pathlib.Path, cfg: ModelConfig, *, host: bool = False) -> PyTree:
+  """Restores the `params` entry of an Orbax PyTree item (a train state, or {"params": ...}).
+
+  Only `params` is read (partial restore), after every parameter's shape is checked against `cfg`.
+  `host=True` gives numpy arrays instead of arrays on the default device, for callers that re-lay the
+  parameters out or shard them themselves and must not hold a whole copy on one accelerator.
+
+  Raises:
+    CheckpointError: the item cannot be read, or its parameters do not match `cfg`.
+  """
   checkpointer = ocp.PyTreeCheckpointer()
   try:
-    metadata = checkpointer.metadata(state_dir)
+    metadata = checkpointer.metadata(item_dir)
   except Exception as e:  # pylint: disable=broad-except
     # Orbax raises many exception types for unreadable directories; all mean "not a checkpoint".
-    raise CheckpointError(f"{state_dir} is not a readable Orbax checkpoint ({type(e).__name__}: "
+    raise CheckpointError(f"{item_dir} is not a readable Orbax checkpoint ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   if not isinstance(tree, dict) or "params" not in tree:
     keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
-    raise CheckpointError(f"{state_dir} holds no `params` (found: {keys}); is this a train.py checkpoint?")
+    raise CheckpointError(f"{item_dir} holds no `params` (found: {keys}); is this a train.py checkpoint?")
   expected = abstract_params(cfg)
   mismatches = _shape_mismatches(expected, tree["params"])
   if mismatches:
     shown = "\n  ".join(mismatches[:10])
     more = f"\n  ... and {len(mismatches) - 10} more" if len(mismatches) > 10 else ""
-    raise CheckpointError(f"the model config does not match the checkpoint {state_dir}:\n  {shown}{more}")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    raise CheckpointError(f"the model config does not match the checkpoint {item_dir}:\n  {shown}{more}")
   target = {"params": expected}
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+  if host:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
   restored = checkpointer.restore(
-      state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+      item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
   return restored["params"]
 
 
@@ -185,7 +201,7 @@ def load_model(path: str | pathlib.Path, name: str | None = None,
   """
   step_dir, run_dir = resolve(path)
   try:
-    run, where = _run_config(step_dir, run_dir)
+    run, where = run_config(step_dir, run_dir)
   except CheckpointError:
     if model_config is None:
       raise
