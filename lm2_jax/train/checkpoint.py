@@ -5,18 +5,28 @@ asynchronous: `save` returns once the arrays are copied off the devices, and the
 background (`wait` blocks). Restoring takes an abstract state whose ShapeDtypeStructs carry the
 shardings of the *current* mesh, so a checkpoint written on one mesh shape restores onto another. A
 latest checkpoint that cannot be read (corrupt or half-written) is reported and the previous one is used.
+
+Multi-process runs write one checkpoint together: Orbax writes each array's shards from the processes that
+hold them, and Grain writes each process's iterator position as `data/process_<i>-of-<n>.json`. Resuming
+needs the same process count `n`, or `reshard_data=True`: the model state restores onto any mesh, and the
+data position is re-derived from the step. That is exact because global batch k is the same rows whatever
+the process count (process i of n takes rows i, i+n, ... of the shuffled epoch; see
+`lm2_jax.data.pipeline`), as long as the training set's size is a multiple of both process counts (else each
+epoch drops up to n-1 different rows).
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import re
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
-from lm2_jax.train.config import CheckpointConfig
+from lm2_jax.train.config import CheckpointConfig, ConfigError
 from lm2_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -57,20 +67,41 @@ class Checkpointer:
     """Blocks until every started save is on disk."""
     self.manager.wait_until_finished()
 
-  def restore(self, abstract_state: TrainState, data_iter: Any = None
+  def data_process_count(self, step: int) -> int | None:
+    """How many processes wrote `step`'s data iterator positions (None: no data item)."""
+    data_dir = self.directory / str(step) / "data"
+    counts = {int(m.group(1)) for p in data_dir.glob("process_*-of-*.json")
+              if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
+    if len(counts) > 1:
+      raise ConfigError(f"checkpoint {data_dir} mixes iterator states of {sorted(counts)} processes")
+    return counts.pop() if counts else None
+
+  def restore(self, abstract_state: TrainState, data_iter: Any = None, *, reshard_data: bool = False
               ) -> tuple[TrainState, int] | None:
     """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
 
     Args:
       abstract_state: TrainState of ShapeDtypeStructs with shardings (see `state.abstract_state`).
       data_iter: a Grain iterator whose position is set from the checkpoint (in place).
+      reshard_data: accept a checkpoint written by another number of processes, positioning `data_iter`
+        at the checkpoint's step instead of restoring the saved positions (see the module docstring).
 
     Returns:
       (state, step), or None when the directory holds no readable checkpoint.
+
+    Raises:
+      ConfigError: the checkpoint was written by a different number of processes and not `reshard_data`.
     """
     for step in reversed(self.steps()):
       items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iter is not None:
+      written_by = self.data_process_count(step) if data_iter is not None else None
+      reposition = written_by is not None and written_by != jax.process_count()
+      if reposition and not reshard_data:
+        raise ConfigError(
+            f"checkpoint {self.directory}/{step} was written by {written_by} process(es) but this run has "
+            f"{jax.process_count()}: resume with {written_by} processes, or pass --reshard-data "
+            "(LM2_RESHARD_DATA=1) to restore the model and re-derive the data position from the step")
+      if data_iter is not None and not reposition:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -80,9 +111,23 @@ class Checkpointer:
                     self.directory, step, type(e).__name__, str(e).splitlines()[0][:300] if str(e)
                     else "")
         continue
+      if reposition:
+        _position_iterator(data_iter, step)
+        log.warning("checkpoint %s/%d: written by %d processes, resumed by %d; data position re-derived "
+                    "from the step", self.directory, step, written_by, jax.process_count())
       return restored["state"], step
     return None
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _position_iterator(data_iter: Any, step: int) -> None:
+  """Moves a fresh training iterator to batch `step` (each optimizer step reads one batch per process)."""
+  state = data_iter.get_state()
+  if set(state) != {"next_index"}:
+    raise ConfigError(f"cannot re-derive the data position for a different process count from an iterator "
+                      f"state with keys {sorted(state)} (data.worker_count > 0?); resume with the original "
+                      "process count or data.worker_count=0")
+  data_iter.set_state({"next_index": step})

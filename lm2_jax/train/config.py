@@ -43,6 +43,9 @@ class TrainConfig:
     b1, b2, eps: AdamW moments.
     weight_decay: decoupled weight decay, applied to matrices only (see optimizer.py).
     clip_norm: global gradient-norm clip; 0 disables it.
+    init_from: checkpoint whose parameters start a fresh run (lm2_jax.train.warm_start): a
+      `python -m lm2_jax.convert import` directory or a train.py run/checkpoints/step directory;
+      empty = random init. Ignored when the run resumes from its own checkpoint.
   """
 
   steps: int = 1000
@@ -58,6 +61,7 @@ class TrainConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

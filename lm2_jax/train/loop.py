@@ -4,6 +4,11 @@
 `<runs_dir>/<name>/checkpoints` (state, optimizer, RNG and the data iterator position), and produces the
 same losses as a run that was never interrupted. The loop dispatches step n+1 before it reads step n's
 metrics, so the host never waits on the device except at logging, checkpoint and evaluation points.
+
+Multi-process runs: every process runs this same loop on its own slice of each batch (see `inputs`);
+process 0 alone writes config.yaml, metrics.jsonl, TensorBoard, the progress bar and final_eval.json, and
+all processes write each checkpoint together. A stop signal may reach the processes at different steps,
+so they agree on stopping (an all-gather of the flag) at logging and checkpoint steps before saving.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lm2_jax.train import checkpoint as ckpt_lib
 from lm2_jax.train import evaluate as eval_lib
@@ -28,6 +34,7 @@ from lm2_jax.train import metrics as metrics_lib
 from lm2_jax.train import optimizer as opt_lib
 from lm2_jax.train import state as state_lib
 from lm2_jax.train import step as step_lib
+from lm2_jax.train import warm_start
 from lm2_jax.train.config import ConfigError, RunConfig, save_config
 
 log = logging.getLogger(__name__)
@@ -91,21 +98,26 @@ def _compare_dir(cfg: RunConfig) -> pathlib.Path | None:
 
 
 def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool] | None = None,
-          echo: Callable[[str], None] = print) -> RunResult:
+          echo: Callable[[str], None] = print, reshard_data: bool = False) -> RunResult:
   """Trains (or resumes) the run `cfg` describes.
 
   Args:
     cfg: the resolved run config.
     sources: (train_source, eval_source) row sources to use instead of building them from `cfg.data`.
     stop_requested: polled with the step after every step; True stops like SIGTERM (save, return).
-    echo: where human-readable lines go (the console by default).
+    echo: where human-readable lines go (the console by default); the caller silences it on processes
+      other than 0.
+    reshard_data: resume a checkpoint written by a different number of processes (see
+      `Checkpointer.restore`); without it such a checkpoint is a ConfigError.
 
   Returns:
     RunResult; `diverged` runs leave the newest good checkpoint in place.
   """
   run_dir = cfg.run_dir
   run_dir.mkdir(parents=True, exist_ok=True)
-  save_config(cfg, run_dir / "config.yaml")
+  is_main = jax.process_index() == 0
+  if is_main:
+    save_config(cfg, run_dir / "config.yaml")
   model_cfg = cfg.model_config()
   from lm2_jax.model import LM2, model_flops_per_token  # pylint: disable=g-import-not-at-top
 
@@ -113,7 +125,6 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
   mesh = mesh_lib.make_mesh(cfg.mesh)
   _check_batch_layout(cfg, mesh)
   seq_len = cfg.data.num_segments * model_cfg.segment_length
-  is_main = jax.process_index() == 0
 
   if sources is None:
     sources = inputs_lib.make_sources(cfg.data, model_cfg.segment_length, model_cfg.vocab_size,
@@ -127,12 +138,17 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, init_shape, cfg.train.seed)
   checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint) \
       if cfg.checkpoint.enabled else None
-  restored = checkpointer.restore(abstract, train_iter) if checkpointer else None
+  restored = checkpointer.restore(abstract, train_iter, reshard_data=reshard_data) \
+      if checkpointer else None
   if restored is not None:
     state, start = restored
     echo(f"resumed {run_dir} from step {start}")
   else:
     state, _ = state_lib.init_state(model, tx, mesh, init_shape, cfg.train.seed)
+    if cfg.train.init_from:
+      state = state.replace(params=warm_start.load_initial_params(
+          cfg.train.init_from, model_cfg, state.params, shardings.params))
+      echo(f"initialised the parameters from {cfg.train.init_from}")
     start = 0
   echo(f"{model_cfg.__class__.__name__}: {state_lib.param_count(state.params):,} parameters; mesh "
        f"{dict(mesh.shape)}; {cfg.train.batch_size} x {seq_len} tokens per step")
@@ -148,7 +164,8 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
 
   def run_eval(params, max_batches):
     batches = inputs_lib.eval_batches(eval_source, cfg.train.batch_size, max_batches)
-    return eval_lib.evaluate(lambda b: eval_step(params, _device_batch(b, mesh)), batches)
+    return eval_lib.evaluate(lambda b: eval_step(params, _device_batch(b, mesh)),
+                             (_with_global_qa_fields(b, mesh) for b in batches))
 
   peak = cfg.logging.peak_flops or metrics_lib.measure_peak_flops()
   flops_per_step = model_flops_per_token(model_cfg, seq_len) * cfg.train.batch_size * seq_len
@@ -202,6 +219,10 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
       periodic_eval = cfg.logging.eval_every and step_done % cfg.logging.eval_every == 0
       stopping = stop.signal_name is not None or (stop_requested is not None and
                                                   stop_requested(step_done))
+      if jax.process_count() > 1:
+        # Processes may see a signal at different steps; decide together, only where the loop syncs.
+        at_sync_point = periodic_save or periodic_eval or step_done % cfg.logging.every == 0
+        stopping = at_sync_point and _any_process(stopping)
       if periodic_save or periodic_eval or stopping:
         read(*pending)
         pending = None
@@ -269,6 +290,26 @@ class _Diverged(Exception):
 
 def _device_batch(batch: dict, mesh) -> dict:
   return mesh_lib.global_batch({k: batch[k] for k in step_lib.MODEL_KEYS}, mesh)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a collective: all processes must call it)."""
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _with_global_qa_fields(batch: dict, mesh) -> dict:
+  """`batch` with its QA fields replaced by the whole global batch's, in the eval step's row order.
+
+  The eval step returns per-row statistics of the global batch (replicated on every process), while each
+  process reads only its rows; the distance bookkeeping in `evaluate` must line up with the global rows.
+  The model inputs stay local (`_device_batch` assembles them).
+  """
+  keys = [k for k in eval_lib.QA_KEYS if k in batch]
+  if jax.process_count() == 1 or not keys:
+    return batch
+  rows = mesh_lib.global_batch({k: batch[k] for k in keys}, mesh)
+  return {**batch, **{k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                      for k, v in rows.items()}}
 
 
 def _scalars(result: dict) -> dict:

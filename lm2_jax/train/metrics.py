@@ -55,12 +55,12 @@ def read_metrics(run_dir: str | pathlib.Path, split: str | None = None) -> list[
 
 
 def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 [size, size] matmul on device 0, best of `repeats` timed runs.
+  """FLOP/s of a float32 [size, size] matmul on this process's first device, best of `repeats` runs.
 
   A stand-in for the vendor peak when none is configured; on CPU it is what this machine really
   delivers, so MFU reads as the fraction of attainable matmul throughput.
   """
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
