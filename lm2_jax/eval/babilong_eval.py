@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lm2_jax.data import babi, babilong
-from lm2_jax.eval import scoring, streaming
+from lm2_jax.eval import jsonl, scoring, streaming
 from lm2_jax.eval.checkpoints import EvalModel
 from lm2_jax.model.decode import Decoder
 
@@ -42,27 +42,17 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
     raise FileNotFoundError(f"BABILong data file {path} does not exist; build one with "
                             "`python -m lm2_jax.data.babilong --tasks ... --lengths ... --out FILE`")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise EvalDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict):
-        raise EvalDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-      for key, kind in REQUIRED_KEYS.items():
-        if not isinstance(row.get(key), kind):
-          raise EvalDataError(f"{where}: key {key!r} must be a {kind.__name__} (needs keys "
-                              f"{sorted(REQUIRED_KEYS)}), got {row.get(key)!r}")
-      try:
-        babi.check_task(row["task"])
-        babilong.check_length(row["length"])
-      except ValueError as e:
-        raise EvalDataError(f"{where}: {e}") from None
-      rows.append(row)
+  for where, row in jsonl.iter_objects(path, EvalDataError):
+    for key, kind in REQUIRED_KEYS.items():
+      if not isinstance(row.get(key), kind):
+        raise EvalDataError(f"{where}: key {key!r} must be a {kind.__name__} (needs keys "
+                            f"{sorted(REQUIRED_KEYS)}), got {row.get(key)!r}")
+    try:
+      babi.check_task(row["task"])
+      babilong.check_length(row["length"])
+    except ValueError as e:
+      raise EvalDataError(f"{where}: {e}") from None
+    rows.append(row)
   if not rows:
     raise EvalDataError(f"{path}: no samples")
   return rows

@@ -17,6 +17,7 @@ import string
 import numpy as np
 from tqdm import tqdm
 
+from lm2_jax.eval import jsonl
 from lm2_jax.eval.checkpoints import EvalModel
 from lm2_jax.eval.perplexity import SegmentScorer
 
@@ -50,29 +51,20 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
   if not path.is_file():
     raise FileNotFoundError(f"multiple-choice file {path} does not exist")
   items = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise MCDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict):
-        raise MCDataError(f"{where}: expected a JSON object with question, choices, answer")
-      question, choices = row.get("question"), row.get("choices")
-      if not isinstance(question, str):
-        raise MCDataError(f"{where}: `question` must be a string, got {question!r}")
-      if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-        raise MCDataError(f"{where}: `choices` must be a list of at least 2 strings, got {choices!r}")
-      if "answer" not in row:
-        raise MCDataError(f"{where}: missing `answer`")
-      subject = row.get("subject")
-      if subject is not None and not isinstance(subject, str):
-        raise MCDataError(f"{where}: `subject` must be a string, got {subject!r}")
-      items.append({"question": question, "choices": choices,
-                    "answer": _answer_index(row["answer"], choices, where), "subject": subject})
+  for where, row in jsonl.iter_objects(path, MCDataError,
+                                      "a JSON object with question, choices, answer"):
+    question, choices = row.get("question"), row.get("choices")
+    if not isinstance(question, str):
+      raise MCDataError(f"{where}: `question` must be a string, got {question!r}")
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+      raise MCDataError(f"{where}: `choices` must be a list of at least 2 strings, got {choices!r}")
+    if "answer" not in row:
+      raise MCDataError(f"{where}: missing `answer`")
+    subject = row.get("subject")
+    if subject is not None and not isinstance(subject, str):
+      raise MCDataError(f"{where}: `subject` must be a string, got {subject!r}")
+    items.append({"question": question, "choices": choices,
+                  "answer": _answer_index(row["answer"], choices, where), "subject": subject})
   if not items:
     raise MCDataError(f"{path}: no items")
   return items
