@@ -16,6 +16,21 @@ from lm2_jax.typing import Array
 # A finite "minus infinity": a fully masked row gives a uniform softmax, never NaN.
 NEG_INF = -1e30
 
+# [B, T, D] activations with D replicated (the residual stream's sharding), pinned at the projections as a
+# workaround for an XLA SPMD partitioner miscompile (jaxlib 0.12.0.1; Shardy and GSPMD alike; a single
+# jitted `x @ w` reproduces it). A dot whose input is [batch on ('data', 'fsdp'), contraction on 'tensor'],
+# whose weight is [contraction on 'tensor', output on 'fsdp'] and whose output is asked to be [batch on
+# ('data', 'fsdp'), output on 'tensor'] gets a spurious collective-permute that swaps the batch shards
+# (data 0, fsdp 1) and (data 1, fsdp 0): with data, fsdp and tensor all > 1, those rows come back computed
+# from other examples. Under our rules that dot is o_proj / down_proj in the forward pass, and the input
+# gradient of every [D on 'fsdp', X on 'tensor'] weight in the backward pass. The memory's [B, X, D]
+# tensors carry D on 'tensor' (the 'mem_embed' rule and the head reshapes) and sharding propagation
+# spreads that onto such dots (2x2x2 mesh: loss off by 0.06 after 3 steps). A constraint right at the dot
+# pins its output (forward) and, through the constraint's transpose, that dot's own input gradient
+# (backward) to D replicated, which XLA partitions correctly (all-reduce over 'tensor'). Each use of an
+# input needs its own constraint: one constraint before a fan-out only pins the sum of the gradients.
+TOKEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
   """Declares a parameter whose logical axis names feed the sharding rules."""
@@ -163,7 +178,7 @@ class Attention(nn.Module):
     if kv is None:
       kv, kv_pos, kv_valid = self.project_kv(h, positions), positions, valid
     out = attend(q, kv[0], kv[1], positions, kv_pos, kv_valid)
-    return self.o_proj(out)
+    return constrain(self.o_proj(out), TOKEN_AXES)  # the XLA workaround: see TOKEN_AXES
 
 
 class MLP(nn.Module):
@@ -178,4 +193,5 @@ class MLP(nn.Module):
     gate = Einsum(cfg, (d, f), ("embed", "mlp"), "BTD,DF->BTF", name="gate_proj")(x)
     up = Einsum(cfg, (d, f), ("embed", "mlp"), "BTD,DF->BTF", name="up_proj")(x)
     hidden = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return Einsum(cfg, (f, d), ("mlp", "embed"), "BTF,FD->BTD", name="down_proj")(hidden)
+    out = Einsum(cfg, (f, d), ("mlp", "embed"), "BTF,FD->BTD", name="down_proj")(hidden)
+    return constrain(out, TOKEN_AXES)  # the XLA workaround: see TOKEN_AXES

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lm2_jax.model.config import ModelConfig
-from lm2_jax.model.layers import NEG_INF, Einsum, constrain, normal_init, param_with_axes
+from lm2_jax.model.layers import NEG_INF, TOKEN_AXES, Einsum, constrain, normal_init, param_with_axes
 from lm2_jax.typing import Array
 
 MEMORY_AXES = ("activation_batch", "activation_slots", "activation_embed")
@@ -99,15 +99,19 @@ class Memory(nn.Module):
     return x.reshape(*x.shape[:-1], self.cfg.memory_heads, self.cfg.memory_head_dim)
 
   def _bank_in(self, bank: Array) -> Array:
-    """The bank as the key/value projections see it (RMS-normalised rows with `memory_norm`)."""
+    """The bank as the key/value projections see it (RMS-normalised rows with `memory_norm`).
+
+    Called once per projection, so that each gets its own D-replicated constraint (the XLA workaround
+    described at `layers.TOKEN_AXES`; the same goes for the `constrain` calls at the other projections).
+    """
     if self.cfg.memory_norm:
       bank = bank * jax.lax.rsqrt(jnp.mean(bank * bank, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return bank.astype(self.cfg.compute_dtype)
+    return constrain(bank.astype(self.cfg.compute_dtype), MEMORY_AXES)
 
   def scores(self, h: Array, bank: Array) -> Array:
     """Token-slot scores [B, Nm, T, M] (float32) of inputs h [B, T, D] against a bank [B, M, D]."""
     cfg = self.cfg
-    q = self.query(h)                                   # [B, T, Nm, H]
+    q = self.query(constrain(h, TOKEN_AXES))            # [B, T, Nm, H]
     k = self.key(self._bank_in(bank))                   # [B, M, Nm, H]
     scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
     return scores / jnp.sqrt(jnp.float32(cfg.memory_head_dim))
@@ -126,7 +130,8 @@ class Memory(nn.Module):
     e_mem = e_mem.reshape(*e_mem.shape[:2], cfg.d_model)
     if not cfg.output_gate:
       return e_mem
-    return jax.nn.sigmoid(self.out_gate(e_mem).astype(jnp.float32)).astype(dt) * e_mem
+    gate = self.out_gate(constrain(e_mem, TOKEN_AXES))
+    return jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dt) * e_mem
 
   def write(self, scores: Array, h: Array, prev_bank: Array, valid: Array) -> Array:
     """The bank after the segment [B, M, D] (float32): each slot attends over the real tokens."""
@@ -134,12 +139,12 @@ class Memory(nn.Module):
     dt = cfg.compute_dtype
     write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
     write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
-    hu = self._heads(self.update(h))                    # [B, T, Nm, H]
+    hu = self._heads(self.update(constrain(h, TOKEN_AXES)))  # [B, T, Nm, H]
     u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu.astype(jnp.float32))
     u = u.reshape(prev_bank.shape)                      # [B, M, D] float32
     prev = prev_bank.astype(jnp.float32)
-    g_in = self.in_gate(u.astype(dt)) if cfg.input_gate else 1.0
-    g_f = self.forget_gate(u.astype(dt)) if cfg.forget_gate else 1.0
+    g_in = self.in_gate(constrain(u.astype(dt), MEMORY_AXES)) if cfg.input_gate else 1.0
+    g_f = self.forget_gate(constrain(u.astype(dt), MEMORY_AXES)) if cfg.forget_gate else 1.0
     new_bank = g_in * jnp.tanh(u) + g_f * prev
     if cfg.input_gate:
       self.sow("intermediates", "input_gate_mean", jnp.mean(g_in, axis=(1, 2)))
