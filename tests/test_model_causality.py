@@ -40,6 +40,14 @@ def test_no_gradient_from_the_future(flow, scan_layers, topk):
   assert np.all(np.diag(norms) > 0)
 
 
+def test_slot_routed_write_is_causal():
+  cfg = tiny_config(write_softmax="slots", memory_norm=True, segment_length=4)
+  norms = np.abs(_jacobian(cfg)).sum(-1)
+  s, t = norms.shape[0], cfg.segment_length
+  assert np.all(norms[np.triu(np.ones((s, s), bool), k=1)] == 0.0)
+  assert norms[t, 0] > 0 and norms[2 * t + 1, 1] > 0
+
+
 def test_memoryless_segments_are_independent():
   cfg = tiny_config(use_memory=False, segment_length=4)
   norms = np.abs(_jacobian(cfg)).sum(-1)

@@ -74,4 +74,3 @@ def test_forget_gate_statistics_are_reported():
   assert g_f.shape == (2, 2)
   # Small random weights leave the gate near sigmoid(bias).
   np.testing.assert_allclose(g_f, 1 / (1 + np.exp(-3.0)), atol=0.02)
-

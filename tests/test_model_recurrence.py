@@ -122,8 +122,9 @@ def test_reset_equals_fresh_start(flow):
   assert max_abs_diff(logits[0, c * t:], plain[0, c * t:]) > 1e-4
 
 
-def test_padding_is_not_written():
-  cfg = tiny_config()
+@pytest.mark.parametrize("write_softmax", ["tokens", "slots"])
+def test_padding_is_not_written(write_softmax):
+  cfg = tiny_config(write_softmax=write_softmax)
   model, variables, tokens = init_model(cfg, segments=2)
   t = cfg.segment_length
   valid = jnp.ones(tokens.shape, bool).at[:, t - 3:t].set(False)

@@ -12,6 +12,7 @@ import yaml
 _CHOICES = {
     "memory_init": ("identity", "learned", "zeros"),
     "memory_flow": ("chained", "per_block"),
+    "write_softmax": ("tokens", "slots"),
     "attention": ("segment", "full"),
     "remat": ("none", "full", "dots"),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -38,6 +39,11 @@ class ModelConfig:
     forget_bias_init: initial forget-gate bias (+1: remember by default).
     memory_norm: RMS-normalise the bank's rows before its key/value projections, so slot keys are as
       distinct and as large as token queries whatever the bank's scale (identity rows have norm 1).
+    memory_score_scale: multiplies the token-slot scores (an inverse temperature). Small random
+      projections give near-uniform read and write attention at init, so every slot stores the same
+      average; a larger scale makes slots attend differently from the first step.
+    write_softmax: "tokens" (each slot attends over the segment's tokens; DESIGN.md §2) or "slots"
+      (each token routes over the slots with the read's softmax; a slot changes with its routed mass).
     memory_init: "identity" (rows of the identity, needs M <= D), "learned" or "zeros".
     memory_flow: "chained" (one bank, writes chained through the blocks) or "per_block".
     bptt_segments: stop gradients through the memory carry every k segments (0 = full BPTT).
@@ -73,6 +79,8 @@ class ModelConfig:
   forget_gate: bool = True
   forget_bias_init: float = 1.0
   memory_norm: bool = False
+  write_softmax: str = "tokens"
+  memory_score_scale: float = 1.0
   memory_init: str = "identity"
   memory_flow: str = "chained"
   bptt_segments: int = 0
@@ -106,6 +114,8 @@ class ModelConfig:
         self.rope_scaling_factor <= 0 or self.rope_high_freq_factor <= self.rope_low_freq_factor):
       raise ValueError("ModelConfig.rope_scaling_factor must be > 0 and rope_high_freq_factor > "
                        "rope_low_freq_factor")
+    if self.memory_score_scale <= 0:
+      raise ValueError(f"ModelConfig.memory_score_scale must be > 0, got {self.memory_score_scale}")
     if self.bptt_segments < 0:
       raise ValueError(f"ModelConfig.bptt_segments must be >= 0, got {self.bptt_segments}")
     if self.use_memory:

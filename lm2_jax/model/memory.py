@@ -114,7 +114,7 @@ class Memory(nn.Module):
     q = self.query(constrain(h, TOKEN_AXES))            # [B, T, Nm, H]
     k = self.key(self._bank_in(bank))                   # [B, M, Nm, H]
     scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
-    return scores / jnp.sqrt(jnp.float32(cfg.memory_head_dim))
+    return scores * (cfg.memory_score_scale / jnp.sqrt(jnp.float32(cfg.memory_head_dim)))
 
   def read(self, scores: Array, bank: Array) -> Array:
     """The gated read [B, T, D] (compute dtype): each token attends over the slots."""
@@ -134,18 +134,34 @@ class Memory(nn.Module):
     return jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dt) * e_mem
 
   def write(self, scores: Array, h: Array, prev_bank: Array, valid: Array) -> Array:
-    """The bank after the segment [B, M, D] (float32): each slot attends over the real tokens."""
+    """The bank after the segment [B, M, D] (float32), written from the segment's real tokens.
+
+    `write_softmax: tokens`: each slot attends over the tokens (softmax over T) and is rewritten every
+    segment. `slots`: each token routes itself over the slots with the read's softmax over M (a token
+    writes where it reads); a slot takes the routed tokens' mean and changes in proportion to
+    1 - exp(-mass), its routed mass, so slots no token routes to keep their content.
+    """
     cfg = self.cfg
     dt = cfg.compute_dtype
-    write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
-    write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
-    hu = self._heads(self.update(constrain(h, TOKEN_AXES)))  # [B, T, Nm, H]
-    u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu.astype(jnp.float32))
+    hu = self._heads(self.update(constrain(h, TOKEN_AXES))).astype(jnp.float32)  # [B, T, Nm, H]
+    if cfg.write_softmax == "tokens":
+      write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
+      write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
+      u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu)
+      strength = None
+    else:
+      routes = jax.nn.softmax(scores, axis=-1) * valid[:, None, :, None]  # [B, Nm, T, M]
+      mass = jnp.sum(routes, axis=2)                       # [B, Nm, M]
+      u = jnp.einsum("BNTM,BTNH->BMNH", routes, hu) / jnp.maximum(mass, 1e-6)[..., None].swapaxes(1, 2)
+      strength = jnp.broadcast_to((1.0 - jnp.exp(-mass)).swapaxes(1, 2)[..., None], u.shape)
+      strength = strength.reshape(prev_bank.shape)
     u = u.reshape(prev_bank.shape)                      # [B, M, D] float32
     prev = prev_bank.astype(jnp.float32)
     g_in = self.in_gate(constrain(u.astype(dt), MEMORY_AXES)) if cfg.input_gate else 1.0
     g_f = self.forget_gate(constrain(u.astype(dt), MEMORY_AXES)) if cfg.forget_gate else 1.0
     new_bank = g_in * jnp.tanh(u) + g_f * prev
+    if strength is not None:
+      new_bank = prev + strength * (new_bank - prev)
     if cfg.input_gate:
       self.sow("intermediates", "input_gate_mean", jnp.mean(g_in, axis=(1, 2)))
     if cfg.forget_gate:

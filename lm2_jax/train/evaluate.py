@@ -15,19 +15,21 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-QA_KEYS = ("fact_segment", "question_segment")
+QA_KEYS = ("fact_segment", "question_segment", "last_fact_supports")
 
 
 def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
   """Runs `eval_fn` (numpy batch -> per-row stats) over `batches` and aggregates.
 
   Returns:
-    {"loss", "accuracy", "num_samples"} and, when the batches carry QA fields, "answer_accuracy" and
-    "accuracy_by_distance" ({"<segments back>": accuracy}).
+    {"loss", "accuracy", "num_samples"} and, when the batches carry QA fields, "answer_accuracy",
+    "accuracy_by_distance" ({"<segments back>": accuracy}) and "accuracy_last_fact_elsewhere" (rows
+    whose story ends with a sentence that is not the supporting fact: the recency-shortcut check).
   """
   nll = weight = correct = 0.0
   rows = 0
   right_by_distance: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+  elsewhere = [0, 0]
   qa = False
   for batch in batches:
     stats = jax.device_get(eval_fn(batch))
@@ -35,18 +37,24 @@ def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
     weight += float(np.sum(stats["weight_sum"]))
     correct += float(np.sum(stats["correct_sum"]))
     rows += len(stats["nll_sum"])
-    if all(k in batch for k in QA_KEYS):
+    if all(k in batch for k in QA_KEYS[:2]):
       qa = True
       answered = (stats["weight_sum"] > 0) & (stats["correct_sum"] == stats["weight_sum"])
       distance = np.asarray(batch["question_segment"]) - np.asarray(batch["fact_segment"])
       for d, ok in zip(distance.tolist(), answered.tolist()):
         right_by_distance[d][0] += int(ok)
         right_by_distance[d][1] += 1
+      if "last_fact_supports" in batch:
+        off = np.asarray(batch["last_fact_supports"]) == 0
+        elsewhere[0] += int(np.sum(answered & off))
+        elsewhere[1] += int(np.sum(off))
   out = {"loss": nll / max(weight, 1.0), "accuracy": correct / max(weight, 1.0), "num_samples": rows}
   if qa:
     total_right = sum(r for r, _ in right_by_distance.values())
     out["answer_accuracy"] = total_right / max(rows, 1)
     out["accuracy_by_distance"] = {str(d): r / n for d, (r, n) in sorted(right_by_distance.items())}
+    if elsewhere[1]:
+      out["accuracy_last_fact_elsewhere"] = elsewhere[0] / elsewhere[1]
   return out
 
 
@@ -57,6 +65,7 @@ def final_report(result: dict, use_memory: bool) -> dict:
       "token_accuracy": result["accuracy"],
       "loss": result["loss"],
       "accuracy_by_distance": result.get("accuracy_by_distance", {}),
+      "accuracy_last_fact_elsewhere": result.get("accuracy_last_fact_elsewhere"),
       "num_samples": result["num_samples"],
       "use_memory": use_memory,
   }
@@ -87,6 +96,8 @@ def comparison_table(reports: dict[str, dict]) -> str:
   for d in distances:
     lines.append(row(f"  {d} segment(s) back", [reports[n].get("accuracy_by_distance", {}).get(d)
                                                 for n in names]))
+  lines.append(row("last fact elsewhere", [reports[n].get("accuracy_last_fact_elsewhere")
+                                           for n in names]))
   lines.append("".ljust(22) + "".join(str(reports[n]["num_samples"]).rjust(width) for n in names)
                + "  samples")
   return "\n".join(lines)
