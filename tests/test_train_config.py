@@ -82,7 +82,10 @@ def test_default_experiments_are_valid_twins():
   assert {k: v for k, v in nomem.model.items() if k != "use_memory"} == {
       k: v for k, v in lm2.model.items() if k != "use_memory"}
   assert lm2.data.kind == "qa" and lm2.data.num_segments == 4 and lm2.data.loss_on == "answer"
-  assert lm2.model_config().segment_length == 64 and lm2.model_config().attention == "segment"
+  # Word tokens: a 16-token segment holds one or two facts, so facts lie in earlier segments than the
+  # question and only the memory can carry them (segment-local attention).
+  assert lm2.model_config().segment_length == 16 and lm2.model_config().attention == "segment"
+  assert lm2.data.tokenizer == "words"
 
 
 def test_entry_point_reports_config_errors():

@@ -321,4 +321,6 @@ def _summary(result: dict) -> str:
   if "answer_accuracy" in result:
     by = ", ".join(f"{d} back: {a:.3f}" for d, a in result["accuracy_by_distance"].items())
     text += f", answer accuracy {result['answer_accuracy']:.3f} ({by})"
+  if "accuracy_last_fact_elsewhere" in result:
+    text += f"; when the story's last fact is not the answer's: {result['accuracy_last_fact_elsewhere']:.3f}"
   return text

@@ -1,0 +1,106 @@
+"""Train-step throughput and MFU of a model config with and without memory, measured side by side.
+
+    python bench/bench_train.py [--model configs/model/small.yaml] [--batch 8] [--segments 4] [--steps 10]
+
+Builds the trainer's own compiled step (jit with shardings, donated state, AdamW) for the config and for
+its `use_memory=false` twin, times them alternately in one process, and prints tokens/s, MFU (model FLOPs
+from `model_flops_per_token` over the matmul peak measured on this host at start-up) and the memory's cost
+as a ratio. Absolute times drift on a shared machine; the ratio is the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import absl.flags
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lm2_jax.model import LM2, ModelConfig, model_flops_per_token  # noqa: E402
+from lm2_jax.train import config as config_lib  # noqa: E402
+from lm2_jax.train import mesh as mesh_lib  # noqa: E402
+from lm2_jax.train import metrics as metrics_lib  # noqa: E402
+from lm2_jax.train import optimizer as opt_lib  # noqa: E402
+from lm2_jax.train import state as state_lib  # noqa: E402
+from lm2_jax.train import step as step_lib  # noqa: E402
+
+
+def compiled_step(model_cfg: ModelConfig, batch: int, segments: int):
+  """(state, compiled train step, device batch) of the trainer for `model_cfg` on all local devices."""
+  model = LM2(model_cfg)
+  mesh = mesh_lib.make_mesh(config_lib.MeshConfig())
+  train_cfg = config_lib.TrainConfig(learning_rate=1e-4, warmup_steps=1)
+  tx, schedule = opt_lib.make_optimizer(train_cfg), opt_lib.make_schedule(train_cfg)
+  seq_len = segments * model_cfg.segment_length
+  abstract, shardings = state_lib.abstract_state(model, tx, mesh, (1, seq_len), 0)
+  state, _ = state_lib.init_state(model, tx, mesh, (1, seq_len), 0)
+  spec = step_lib.abstract_batch(batch, seq_len, segments, mesh)
+  step = step_lib.compile_train_step(step_lib.make_train_step(model, tx, schedule, 1, mesh), shardings,
+                                     abstract, spec, mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, model_cfg.vocab_size, (batch, seq_len)).astype(np.int32)
+  host = {"inputs": tokens, "targets": np.roll(tokens, -1, 1),
+          "loss_mask": np.ones((batch, seq_len), np.float32), "valid": np.ones((batch, seq_len), bool),
+          "resets": np.zeros((batch, segments), bool)}
+  device_batch = {k: jax.device_put(v, spec[k].sharding) for k, v in host.items()}
+  return state, step, device_batch
+
+
+def time_steps(state, step, batch, steps: int):
+  """(state, seconds per step) over `steps` steps after one warm-up step."""
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  return state, (time.perf_counter() - start) / steps
+
+
+def measure(model_path: str, batch: int, segments: int, steps: int, rounds: int = 3) -> dict:
+  """Tokens/s and MFU of the config with and without memory, timed alternately, best of `rounds`."""
+  peak = metrics_lib.total_peak_flops(metrics_lib.measure_peak_flops())
+  configs = {"with memory": ModelConfig.from_yaml(model_path, use_memory=True),
+             "without memory": ModelConfig.from_yaml(model_path, use_memory=False)}
+  built = {name: compiled_step(cfg, batch, segments) for name, cfg in configs.items()}
+  best = {name: float("inf") for name in configs}
+  for _ in range(rounds):
+    for name, (state, step, device_batch) in built.items():
+      state, seconds = time_steps(state, step, device_batch, steps)
+      built[name] = (state, step, device_batch)
+      best[name] = min(best[name], seconds)
+  out = {"peak_flops": peak}
+  for name, cfg in configs.items():
+    seq_len = segments * cfg.segment_length
+    tokens = batch * seq_len
+    flops = model_flops_per_token(cfg, seq_len) * tokens
+    out[name] = {"step_s": best[name], "tokens_per_s": tokens / best[name],
+                 "mfu": flops / best[name] / peak}
+  out["memory_cost"] = best["with memory"] / best["without memory"]
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="configs/model/small.yaml")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--segments", type=int, default=4)
+  parser.add_argument("--steps", type=int, default=5)
+  args = parser.parse_args(argv)
+  absl.flags.FLAGS.mark_as_parsed()
+  r = measure(args.model, args.batch, args.segments, args.steps)
+  print(f"{args.model}, batch {args.batch} x {args.segments} segments, {jax.device_count()} "
+        f"device(s) ({jax.devices()[0].platform}); measured matmul peak {r['peak_flops'] / 1e9:.1f} GFLOP/s")
+  for name in ("with memory", "without memory"):
+    m = r[name]
+    print(f"  {name:<15} {m['step_s'] * 1e3:8.1f} ms/step {m['tokens_per_s']:10,.0f} tokens/s  "
+          f"MFU {m['mfu']:.3f}")
+  print(f"  memory cost: {r['memory_cost']:.2f}x the memory-less step time")
+
+
+if __name__ == "__main__":
+  main()
