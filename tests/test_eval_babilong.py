@@ -57,6 +57,14 @@ def test_restored_params_equal_the_saved_ones(runs):
   assert all(jax.tree.leaves(same))
 
 
+def test_a_relative_run_path_loads(runs, monkeypatch):
+  """Orbax needs absolute paths; `eval.py --run runs/NAME` is relative to the working directory."""
+  root, _ = runs
+  monkeypatch.chdir(root)
+  model = checkpoints.load_model("mem")
+  assert model.step == 7 and model.name == "mem"
+
+
 def test_end_to_end_table_json_png(runs, tmp_path, capsys):
   root, data = runs
   out = tmp_path / "out"

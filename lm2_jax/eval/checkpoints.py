@@ -158,6 +158,8 @@ def restore_params_item(item_dir: pathlib.Path, cfg: ModelConfig, *, host: bool 
   Raises:
     CheckpointError: the item cannot be read, or its parameters do not match `cfg`.
   """
+  # Orbax's tensorstore layer needs an absolute path; with a relative one it reports no metadata.
+  item_dir = pathlib.Path(item_dir).absolute()
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     metadata = checkpointer.metadata(item_dir)
