@@ -53,6 +53,10 @@ def test_gate_switches_remove_their_parameters():
   _, variables, _ = init_model(cfg, segments=1)
   mem = nn.unbox(variables["params"])["block_0"]["memory"]
   assert set(mem) == {"query", "key", "value", "update"}
+  addressed = tiny_config(slot_addresses=True)
+  _, variables, _ = init_model(addressed, segments=1)
+  mem = nn.unbox(variables["params"])["block_0"]["memory"]
+  assert mem["slot_address"].shape == (addressed.num_slots, addressed.d_model)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

@@ -42,6 +42,8 @@ class ModelConfig:
     memory_score_scale: multiplies the token-slot scores (an inverse temperature). Small random
       projections give near-uniform read and write attention at init, so every slot stores the same
       average; a larger scale makes slots attend differently from the first step.
+    slot_addresses: add a learned per-slot address [M, D] to the bank before the key projection (not
+      the value): writes overwrite content but never the address, so slots keep distinct keys.
     write_softmax: "tokens" (each slot attends over the segment's tokens; DESIGN.md §2) or "slots"
       (each token routes over the slots with the read's softmax; a slot changes with its routed mass).
     memory_init: "identity" (rows of the identity, needs M <= D), "learned" or "zeros".
@@ -81,6 +83,7 @@ class ModelConfig:
   memory_norm: bool = False
   write_softmax: str = "tokens"
   memory_score_scale: float = 1.0
+  slot_addresses: bool = False
   memory_init: str = "identity"
   memory_flow: str = "chained"
   bptt_segments: int = 0

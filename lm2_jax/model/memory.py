@@ -93,6 +93,9 @@ class Memory(nn.Module):
       self.in_gate = Gate(cfg, 0.0)
     if cfg.forget_gate:
       self.forget_gate = Gate(cfg, cfg.forget_bias_init)
+    if cfg.slot_addresses:
+      self.slot_address = param_with_axes(self, "slot_address", nn.initializers.normal(1.0),
+                                          (cfg.num_slots, d), ("slots", "embed"), cfg.weight_dtype)
 
   def _heads(self, x: Array) -> Array:
     """[B, X, D] -> [B, X, Nm, H]."""
@@ -112,7 +115,11 @@ class Memory(nn.Module):
     """Token-slot scores [B, Nm, T, M] (float32) of inputs h [B, T, D] against a bank [B, M, D]."""
     cfg = self.cfg
     q = self.query(constrain(h, TOKEN_AXES))            # [B, T, Nm, H]
-    k = self.key(self._bank_in(bank))                   # [B, M, Nm, H]
+    keys_in = self._bank_in(bank)
+    if cfg.slot_addresses:
+      # A per-slot address that writes never overwrite keeps the slots' keys apart.
+      keys_in = keys_in + self.slot_address.astype(keys_in.dtype)[None]
+    k = self.key(keys_in)                               # [B, M, Nm, H]
     scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
     return scores * (cfg.memory_score_scale / jnp.sqrt(jnp.float32(cfg.memory_head_dim)))
 
