@@ -32,11 +32,9 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(add_help=False)
   distributed.add_arguments(parser)
   dist_args, rest = parser.parse_known_args(argv)
-  try:
-    distributed.setup(dist_args)
-  except distributed.DistributedError as e:
-    print(f"multi-process setup error: {e}", file=sys.stderr)
-    return 2
+  code = distributed.join(dist_args)
+  if code is not None:
+    return code
   absl.flags.FLAGS.mark_as_parsed()
   from lm2_jax.eval import cli  # pylint: disable=g-import-not-at-top
 

@@ -37,11 +37,9 @@ def main(argv: list[str]) -> int:
   args = parser.parse_intermixed_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   # Before anything touches the JAX backend: joining a multi-process run is impossible afterwards.
-  try:
-    distributed.setup(args)
-  except distributed.DistributedError as e:
-    print(f"multi-process setup error: {e}", file=sys.stderr)
-    return 2
+  code = distributed.join(args)
+  if code is not None:
+    return code
   # Grain worker processes read absl flags; this entry point has no absl command line.
   absl.flags.FLAGS.mark_as_parsed()
   reshard = args.reshard_data or os.environ.get("LM2_RESHARD_DATA", "") in ("1", "true", "yes")

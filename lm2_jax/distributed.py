@@ -186,6 +186,16 @@ def initialize(options: DistributedOptions) -> None:
            jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def join(args) -> int | None:
+  """Runs `setup(args)`; on a bad configuration prints why and returns the exit code 2, else None."""
+  try:
+    setup(args)
+  except DistributedError as e:
+    print(f"multi-process setup error: {e}", file=sys.stderr)
+    return 2
+  return None
+
+
 def setup(args: argparse.Namespace | None = None) -> DistributedOptions:
   """`options_from(args)` then `initialize`; what the entry points call first."""
   options = options_from(args)

@@ -97,7 +97,7 @@ def test_bad_names_list_valid_ones():
     babilong.build_sample("qa1", "3k", 0, 0, TOK)
   with pytest.raises(ValueError, match="valid tasks"):
     babilong.build_sample("qa0", "1k", 0, 0, TOK)
-  with pytest.raises(SystemExit, match="valid: 0k"):
+  with pytest.raises(SystemExit, match="valid lengths: 0k"):
     babilong.main(["--lengths", "5k", "--out", "/dev/null"])
 
 

@@ -170,11 +170,12 @@ def build_set(tasks, lengths, samples: int, seed: int, tokenizer: tokenizers.Tok
   return rows, skipped
 
 
-def _parse_list(text: str, valid, what: str) -> list[str]:
+def parse_list(text: str, valid, what: str) -> list[str]:
+  """The comma-separated names of a `--{what}` flag, each checked against `valid` (ValueError)."""
   items = [t.strip() for t in text.split(",") if t.strip()]
   bad = [t for t in items if t not in valid]
   if bad or not items:
-    raise SystemExit(f"--{what}: unknown {bad or text!r}; valid: {', '.join(valid)}")
+    raise ValueError(f"--{what}: unknown {what} {bad or text!r}; valid {what}: {', '.join(valid)}")
   return items
 
 
@@ -191,8 +192,11 @@ def main(argv=None) -> int:
                       "built-in template filler)")
   parser.add_argument("--out", required=True, help="output JSONL file")
   args = parser.parse_args(argv)
-  tasks = _parse_list(args.tasks, babi.TASKS, "tasks")
-  lengths = _parse_list(args.lengths, LENGTHS, "lengths")
+  try:
+    tasks = parse_list(args.tasks, babi.TASKS, "tasks")
+    lengths = parse_list(args.lengths, LENGTHS, "lengths")
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   if args.samples < 1:
     raise SystemExit(f"--samples must be >= 1, got {args.samples}")
   tokenizer = tokenizers.make_tokenizer(args.tokenizer_kind, args.tokenizer_path)

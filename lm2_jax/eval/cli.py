@@ -23,11 +23,11 @@ class UsageError(ValueError):
 
 
 def _parse_list(text: str, valid, what: str) -> list[str]:
-  items = [t.strip() for t in text.split(",") if t.strip()]
-  bad = [t for t in items if t not in valid]
-  if bad or not items:
-    raise UsageError(f"--{what}: unknown {what} {bad or text!r}; valid {what}: {', '.join(valid)}")
-  return items
+  from lm2_jax.data import babilong  # pylint: disable=g-import-not-at-top
+  try:
+    return babilong.parse_list(text, valid, what)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
 
 
 def _add_model_args(parser: argparse.ArgumentParser, multiple: bool) -> None:
