@@ -90,15 +90,14 @@ def _early_write_grad(cfg):
 def test_bptt_cut():
   full = _early_write_grad(tiny_config(bptt_segments=0))
   assert float(jnp.abs(full).max()) > 0
-  # With a cut every segment, the last segment still trains the write of segment 2 -> 3 through
-  # one step; with a cut that isolates the loss segment entirely, use bptt on the carry into it.
+  # bptt_segments=1 cuts the carry into every segment: the last segment's loss cannot reach any write.
   one = _early_write_grad(tiny_config(bptt_segments=1))
   assert float(jnp.abs(one).max()) == 0.0
 
 
 def test_bptt_cut_keeps_the_recent_segment():
-  """bptt_segments=2: the loss of segment 3 trains segment 2's write (same window) but the carry from
-  segment 1 into 2 is cut; check via a loss on segment 2 only of a 3-segment input."""
+  """bptt_segments=2 cuts only at segments 2, 4, ...: a loss on segment 1 still trains segment 0's write
+  (a cut at every segment would make this gradient zero)."""
   cfg = tiny_config(bptt_segments=2)
   model, variables, tokens = init_model(cfg, segments=2)
   t = cfg.segment_length
