@@ -40,8 +40,9 @@ def test_no_gradient_from_the_future(flow, scan_layers, topk):
   assert np.all(np.diag(norms) > 0)
 
 
-def test_slot_routed_write_with_addresses_is_causal():
-  cfg = tiny_config(write_softmax="slots", memory_norm=True, slot_addresses=True, segment_length=4)
+@pytest.mark.parametrize("keys", ["both", "address"])
+def test_slot_routed_write_with_addresses_is_causal(keys):
+  cfg = tiny_config(write_softmax="slots", memory_norm=True, memory_keys=keys, segment_length=4)
   norms = np.abs(_jacobian(cfg)).sum(-1)
   s, t = norms.shape[0], cfg.segment_length
   assert np.all(norms[np.triu(np.ones((s, s), bool), k=1)] == 0.0)

@@ -74,3 +74,33 @@ def test_forget_gate_statistics_are_reported():
   assert g_f.shape == (2, 2)
   # Small random weights leave the gate near sigmoid(bias).
   np.testing.assert_allclose(g_f, 1 / (1 + np.exp(-3.0)), atol=0.02)
+
+
+def test_address_keys_make_read_attention_independent_of_content():
+  cfg = tiny_config(memory_keys="address")
+  model, variables, tokens = init_model(cfg, segments=1)
+  shape = init_memory(cfg, 2).shape
+  a, b = (jax.random.normal(jax.random.key(k), shape) for k in (3, 4))
+  attn_a = _read_attention(model, variables, tokens, memory=a)
+  attn_b = _read_attention(model, variables, tokens, memory=b)
+  assert max_abs_diff(attn_a, attn_b) == 0.0
+  # ... but what is read still depends on the content; and content keys make the attention move too.
+  assert max_abs_diff(model.apply(variables, tokens, memory=a)[0],
+                      model.apply(variables, tokens, memory=b)[0]) > 1e-4
+  content = LM2(cfg.replace(memory_keys="content"))
+  assert max_abs_diff(_read_attention(content, variables, tokens, memory=a),
+                      _read_attention(content, variables, tokens, memory=b)) > 1e-4
+
+
+def test_slot_routed_write_reports_routes_of_real_tokens_only():
+  cfg = tiny_config(write_softmax="slots")
+  model, variables, tokens = init_model(cfg, segments=2)
+  valid = np.ones(tokens.shape, bool)
+  valid[0, cfg.segment_length - 3:] = False    # row 0: padding from 3 tokens before the end of segment 0
+  (_, _), inter = model.apply(variables, tokens, valid=jnp.asarray(valid), mutable=["intermediates"])
+  mem = inter["intermediates"]["block_0"]["memory"]
+  routes, mass = np.asarray(mem["write_routes"][0]), np.asarray(mem["write_mass"][0])  # [C,B,Nm,T,M]
+  per_token = routes.sum(-1)                                 # [C, B, Nm, T]: 1 per real token, 0 on padding
+  expect = valid.reshape(2, 2, cfg.segment_length)[..., None, :].swapaxes(0, 1)
+  np.testing.assert_allclose(per_token, np.broadcast_to(expect, per_token.shape), atol=1e-5)
+  np.testing.assert_allclose(mass, routes.sum(-2), rtol=1e-5)

@@ -53,7 +53,7 @@ def test_gate_switches_remove_their_parameters():
   _, variables, _ = init_model(cfg, segments=1)
   mem = nn.unbox(variables["params"])["block_0"]["memory"]
   assert set(mem) == {"query", "key", "value", "update"}
-  addressed = tiny_config(slot_addresses=True)
+  addressed = tiny_config(memory_keys="both")
   _, variables, _ = init_model(addressed, segments=1)
   mem = nn.unbox(variables["params"])["block_0"]["memory"]
   assert mem["slot_address"].shape == (addressed.num_slots, addressed.d_model)

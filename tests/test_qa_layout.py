@@ -163,3 +163,51 @@ def test_errors():
     qa.QASource("qa3", "train", 0, TOK, 2, 80, 5, num_sentences=(10, 12), max_attempts=3)[0]
   with pytest.raises(IndexError):
     _source(num_samples=5)[5]
+
+
+def _every_source(n=200):
+  words = tokenizers.make_tokenizer("words")
+  return words, qa.QASource("qa1", "train", 0, words, 4, 16, n, num_sentences=(2, 6), questions="every")
+
+
+def test_every_segment_questions_are_answered_from_the_facts_before_them():
+  words, src = _every_source()
+  answers_per_row = []
+  for i in range(120):
+    row = src[i]
+    inputs, mask = row["inputs"], row["loss_mask"] > 0
+    # Each loss span starts at a SEP; the question before it and the facts before that decide the answer.
+    starts = [p for p in np.flatnonzero(mask) if not mask[p - 1]]
+    answers_per_row.append(len(starts))
+    for p in starts:
+      assert inputs[p] == words.sep_id
+      # Earlier question blocks end with EOS: read it as a full stop, then drop the questions.
+      period = words.encode(".")[0]
+      text = words.decode([period if t == words.eos_id else t for t in inputs[:p] if t != words.pad_id])
+      *facts, question = [s.strip() for s in text.replace("?", "?.").split(".") if s.strip()]
+      facts = [f for f in facts if "?" not in f and len(f.split()) > 1]
+      actor = question.split()[-1].rstrip("?")
+      truth = [f.split()[-1] for f in facts if f.split()[0] == actor][-1]
+      n = int(np.argmax(~mask[p:]))          # answer tokens + EOS
+      assert words.decode(row["targets"][p:p + n - 1]) == truth and row["targets"][p + n - 1] == words.eos_id
+  assert np.mean(answers_per_row) > 1.5      # intermediate questions fit in most rows
+
+
+def test_every_keeps_the_final_question_at_its_offset_and_its_metadata():
+  words, src = _every_source()
+  final = qa.QASource("qa1", "train", 0, words, 4, 16, 200, num_sentences=(2, 6))
+  for i in range(50):
+    a, b = src[i], final[i]
+    last_a, last_b = a["inputs"].reshape(4, 16)[-1], b["inputs"].reshape(4, 16)[-1]
+    np.testing.assert_array_equal(last_a[src.offset:], last_b[final.offset:])
+    for key in ("answer_id", "fact_segment", "last_fact_supports"):
+      assert a[key] == b[key], key
+    # The final answer's span is in the loss of both layouts.
+    assert np.all(a["loss_mask"][b["loss_mask"] > 0] > 0)
+
+
+def test_every_needs_qa1():
+  with pytest.raises(ValueError, match="qa1"):
+    qa.QASource("qa2", "train", 0, TOK, 4, 64, 10, questions="every")[0]
+  with pytest.raises(ValueError, match="questions"):
+    qa.QASource("qa1", "train", 0, TOK, 4, 64, 10, questions="sometimes")[0]

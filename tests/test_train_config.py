@@ -3,10 +3,12 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
 from lm2_jax.train import config as config_lib
+from lm2_jax.train import inputs
 from test_train_evaluate import TINY_MODEL
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -93,3 +95,14 @@ def test_entry_point_reports_config_errors():
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 2
   assert "config error" in out.stderr and "train.stepz" in out.stderr
+
+
+def test_every_segment_questions_reach_training_rows_only():
+  data = config_lib.DataConfig(task="qa1", tokenizer="words", num_sentences=2, max_sentences=6,
+                               train_size=64, eval_size=64, questions="every")
+  train, held_out = inputs.make_sources(data, 16, 384)
+
+  def answers(src):  # answers per row: each loss span ends with EOS
+    return [int(np.sum(src[i]["targets"][src[i]["loss_mask"] > 0] == src.tokenizer.eos_id)) for i in range(64)]
+
+  assert max(answers(train)) > 1 and set(answers(held_out)) == {1}

@@ -10,6 +10,11 @@ Layout of a row (C = num_segments, T = segment_length):
                       offset (`question_offset`, from the task's longest question and answer), and the
                       filler before it comes from a stream that depends only on the row, never the story.
 
+With `questions="every"` (training rows of qa1 only) each context segment that has room after its facts
+also ends with [question][SEP][answer][EOS] about an actor met so far (in this segment or an earlier one):
+several answers per row instead of one, at distances 0..C-2, like the interleaved questions of the original
+bAbI stories. The last segment keeps the story's own question at its fixed offset.
+
 So nothing before the answer depends on the answer except the facts: the position of the question, and the
 text before it, are the same whatever the answer is. (A layout that padded before the question leaked the
 answer's length, and a memory-less model learnt it.) Targets are next-token targets over the whole row.
@@ -22,6 +27,7 @@ import numpy as np
 from lm2_jax.data import babi, filler as filler_lib, tokenizers
 
 LOSS_ON = ("answer", "all")
+QUESTIONS = ("final", "every")
 
 
 class QALayoutError(ValueError):
@@ -94,11 +100,30 @@ def _filler_tokens(stream, budget: int, tokenizer) -> list[list[int]]:
     used += len(ids)
 
 
+def _where_questions(sample: babi.BabiSample, where: list[int], tokenizer, rng: np.random.Generator,
+                     num_context: int) -> dict[int, tuple[list[int], list[int]]]:
+  """For each context segment: (question ids, answer ids) about an actor met up to its end (qa1 only).
+
+  A qa1 fact is "<Actor> <verb...> the <location>.", so an actor's location after a segment is the last
+  word of its last fact so far. A segment with no fact so far gets no question.
+  """
+  state, out = {}, {}
+  for c in range(num_context):
+    for sentence, seg in zip(sample.sentences, where):
+      if seg == c:
+        words = sentence.rstrip(".").split()
+        state[words[0]] = words[-1]
+    if state:
+      actor = sorted(state)[int(rng.integers(len(state)))]
+      out[c] = (tokenizer.encode(f"Where is {actor}?"), tokenizer.encode(state[actor]))
+  return out
+
+
 def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_segments: int,
                   segment_length: int, rng: np.random.Generator, *, loss_on: str = "answer",
                   filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
                   add_bos: bool = False, offset: int | None = None,
-                  question_seed: int | None = None) -> dict[str, np.ndarray]:
+                  question_seed: int | None = None, questions: str = "final") -> dict[str, np.ndarray]:
   """One training row of `sample`.
 
   Args:
@@ -118,6 +143,8 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
       skip recomputing it.
     question_seed: seed of the filler stream before the question; default drawn from `rng`. `QASource`
       derives it from the row index alone, so that text is provably the same whatever the story.
+    questions: "final" (one question, in the last segment) or "every" (qa1 only: also a question after the
+      facts of each context segment with room for it; every answer is in the loss).
 
   Returns:
     inputs int32[C*T], targets int32[C*T] (inputs shifted left, PAD last), loss_mask float32[C*T],
@@ -133,6 +160,10 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
     raise QALayoutError(f"need num_segments >= 2 and segment_length >= 1, got {C} and {T}")
   if loss_on not in LOSS_ON:
     raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+  if questions not in QUESTIONS:
+    raise ValueError(f"questions must be one of {QUESTIONS}, got {questions!r}")
+  if questions == "every" and sample.task != "qa1":
+    raise ValueError(f"questions='every' supports qa1 stories only, got {sample.task}")
   if not 0.0 <= filler_density <= 1.0:
     raise ValueError(f"filler_density must be in [0, 1], got {filler_density}")
   low, high = (0, C - 2) if fact_segments is None else fact_segments
@@ -150,14 +181,24 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
   question_seed = int(rng.integers(2**62)) if question_seed is None else question_seed
   question_stream = filler.stream(question_seed)
 
-  rows = []
+  asked = _where_questions(sample, where, tokenizer, rng, C - 1) if questions == "every" else {}
+  rows, answer_spans = [], []
   for c in range(C - 1):
     mine = [f for f, s in zip(facts, where) if s == c]
     free = capacity[c] - sum(len(f) for f in mine)
+    block, q_len = [], 0
+    if c in asked and len(asked[c][0]) + len(asked[c][1]) + 2 <= free:
+      q, a = asked[c]
+      block, q_len = q + [tokenizer.sep_id] + a + [tokenizer.eos_id], len(q)
+      free -= len(block)
     fill = _filler_tokens(context_stream, int(filler_density * free), tokenizer) if filler_density else []
     ids = [tokenizer.bos_id] if add_bos and c == 0 else []
     for piece in filler_lib.place_facts(mine, fill, rng):
       ids += piece
+    if block:
+      # Targets of positions SEP .. last answer token are the answer and EOS.
+      answer_spans.append((c * T + len(ids) + q_len, len(block) - q_len - 1))
+      ids += block
     rows.append(ids + [pad] * (T - len(ids)))
 
   question, answer = tokenizer.encode(sample.question), tokenizer.encode(sample.answer)
@@ -178,6 +219,8 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
     sep = (C - 1) * T + offset + len(question)
     loss_mask = np.zeros(C * T, bool)
     loss_mask[sep:sep + len(answer) + 1] = True
+    for start, n in answer_spans:
+      loss_mask[start:start + n] = True
   vocab = babi.answer_vocab(sample.task)
   return {
       "inputs": inputs,
@@ -205,7 +248,7 @@ class QASource:
   def __init__(self, task: str, split: str, seed: int, tokenizer: tokenizers.Tokenizer, num_segments: int,
                segment_length: int, num_samples: int, *, loss_on: str = "answer",
                filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
-               num_sentences=None, add_bos: bool = False, max_attempts: int = 64):
+               num_sentences=None, add_bos: bool = False, questions: str = "final", max_attempts: int = 64):
     babi.check_task(task)
     babi.split_seed(split, seed)
     if num_samples < 1:
@@ -216,7 +259,7 @@ class QASource:
     self.offset = question_offset(task, tokenizer, segment_length)
     self._row_kw = dict(loss_on=loss_on, filler_density=filler_density,
                         filler=filler or filler_lib.TemplateFiller(), fact_segments=fact_segments,
-                        add_bos=add_bos, offset=self.offset)
+                        add_bos=add_bos, offset=self.offset, questions=questions)
 
   def __len__(self) -> int:
     return self.num_samples

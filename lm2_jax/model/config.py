@@ -13,6 +13,7 @@ _CHOICES = {
     "memory_init": ("identity", "learned", "zeros"),
     "memory_flow": ("chained", "per_block"),
     "write_softmax": ("tokens", "slots"),
+    "memory_keys": ("content", "address", "both"),
     "attention": ("segment", "full"),
     "remat": ("none", "full", "dots"),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -42,8 +43,9 @@ class ModelConfig:
     memory_score_scale: multiplies the token-slot scores (an inverse temperature). Small random
       projections give near-uniform read and write attention at init, so every slot stores the same
       average; a larger scale makes slots attend differently from the first step.
-    slot_addresses: add a learned per-slot address [M, D] to the bank before the key projection (not
-      the value): writes overwrite content but never the address, so slots keep distinct keys.
+    memory_keys: what the key projection sees: "content" (the bank; DESIGN.md §2), "address" (a learned
+      per-slot address [M, D] that writes never change: a slot is found by where it is, its content is
+      only the value) or "both" (address + content).
     write_softmax: "tokens" (each slot attends over the segment's tokens; DESIGN.md §2) or "slots"
       (each token routes over the slots with the read's softmax; a slot changes with its routed mass).
     memory_init: "identity" (rows of the identity, needs M <= D), "learned" or "zeros".
@@ -83,7 +85,7 @@ class ModelConfig:
   memory_norm: bool = False
   write_softmax: str = "tokens"
   memory_score_scale: float = 1.0
-  slot_addresses: bool = False
+  memory_keys: str = "content"
   memory_init: str = "identity"
   memory_flow: str = "chained"
   bptt_segments: int = 0

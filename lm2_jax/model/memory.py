@@ -93,7 +93,7 @@ class Memory(nn.Module):
       self.in_gate = Gate(cfg, 0.0)
     if cfg.forget_gate:
       self.forget_gate = Gate(cfg, cfg.forget_bias_init)
-    if cfg.slot_addresses:
+    if cfg.memory_keys != "content":
       self.slot_address = param_with_axes(self, "slot_address", nn.initializers.normal(1.0),
                                           (cfg.num_slots, d), ("slots", "embed"), cfg.weight_dtype)
 
@@ -115,10 +115,13 @@ class Memory(nn.Module):
     """Token-slot scores [B, Nm, T, M] (float32) of inputs h [B, T, D] against a bank [B, M, D]."""
     cfg = self.cfg
     q = self.query(constrain(h, TOKEN_AXES))            # [B, T, Nm, H]
-    keys_in = self._bank_in(bank)
-    if cfg.slot_addresses:
+    if cfg.memory_keys == "content":
+      keys_in = self._bank_in(bank)
+    else:
       # A per-slot address that writes never overwrite keeps the slots' keys apart.
-      keys_in = keys_in + self.slot_address.astype(keys_in.dtype)[None]
+      address = jnp.broadcast_to(self.slot_address.astype(cfg.compute_dtype)[None], bank.shape)
+      keys_in = address if cfg.memory_keys == "address" else self._bank_in(bank) + address
+      keys_in = constrain(keys_in, MEMORY_AXES)
     k = self.key(keys_in)                               # [B, M, Nm, H]
     scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
     return scores * (cfg.memory_score_scale / jnp.sqrt(jnp.float32(cfg.memory_head_dim)))
@@ -160,6 +163,8 @@ class Memory(nn.Module):
       routes = jax.nn.softmax(scores, axis=-1) * valid[:, None, :, None]  # [B, Nm, T, M]
       mass = jnp.sum(routes, axis=2)                       # [B, Nm, M]
       u = jnp.einsum("BNTM,BTNH->BMNH", routes, hu) / jnp.maximum(mass, 1e-6)[..., None].swapaxes(1, 2)
+      self.sow("intermediates", "write_mass", mass)
+      self.sow("intermediates", "write_routes", routes)
       strength = jnp.broadcast_to((1.0 - jnp.exp(-mass)).swapaxes(1, 2)[..., None], u.shape)
       strength = strength.reshape(prev_bank.shape)
     u = u.reshape(prev_bank.shape)                      # [B, M, D] float32

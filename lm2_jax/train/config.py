@@ -78,6 +78,9 @@ class DataConfig:
     loss_on: `answer` (answer tokens + EOS) or `all` (every real token) for training; held-out QA rows are
       always scored on the answer.
     filler_density: fraction of each segment's free space filled with distractor sentences (QA).
+    questions: `final` (one question per row, in the last segment) or `every` (qa1 training rows also
+      ask a question after the facts of each context segment that has room: more answers per row, at
+      every distance); held-out rows always ask one final question.
     num_sentences, max_sentences: story length in sentences (QA): exactly num_sentences, or a uniform
       range num_sentences..max_sentences when max_sentences > 0; 0 = the task's default range.
     tokenizer: `byte` (no file), `words` (built-in bAbI vocabulary, or a vocabulary file),
@@ -95,6 +98,7 @@ class DataConfig:
   seed: int = 0
   loss_on: Literal["answer", "all"] = "answer"
   filler_density: float = 0.0
+  questions: Literal["final", "every"] = "final"
   num_sentences: int = 0
   max_sentences: int = 0
   tokenizer: str = "byte"

@@ -46,7 +46,8 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
                   segment_length=segment_length, filler_density=cfg.filler_density,
                   num_sentences=_story_length(cfg))
     try:
-      train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on, **common)
+      train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on,
+                          questions=cfg.questions, **common)
       held_out = qa.QASource(split="validation", num_samples=cfg.eval_size, loss_on="answer", **common)
     except ValueError as e:
       raise ConfigError(f"data section (qa): {e}") from e
