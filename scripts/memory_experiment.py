@@ -8,7 +8,10 @@ on qa1 rows of 4 segments x 16 word tokens (stories of `ns` sentences, default 2
 100, cosine to 4000 steps, clip 1, decay 0.1) and batch `bs`. Curricula: the first `warm` steps on
 `warm_ns`-sentence stories; or, for the first `hard` steps, a `hard_frac` share of each batch from rows
 whose last sentence is about another actor. `use_memory=false attention=full` is the calibration: every
-fact in view of ordinary attention.
+fact in view of ordinary attention. `segments=C` sets the row's segment count (with `segment_length=8`
+and `segments=7` each segment holds one fact). `mi=w` adds -w x the mutual information between a token and
+the slot it writes to (slot-routed writes). `oracle=1` adds to every position's input embedding the
+embedding of the latest actor name at or before it (the first step of the binding circuit, by hand).
 
 Every `every` steps it prints held-out answer accuracy on 512 test-split rows (overall, by how many
 segments back the supporting fact lies, and on rows whose last sentence is not the supporting fact: the
@@ -34,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lm2_jax.data.qa import QASource  # noqa: E402  pylint: disable=g-import-not-at-top
 from lm2_jax.data.tokenizers import make_tokenizer  # noqa: E402  pylint: disable=g-import-not-at-top
 from lm2_jax.model import LM2, ModelConfig  # noqa: E402  pylint: disable=g-import-not-at-top
+from scripts.reference_transformer import latest_actor  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MODEL_KEYS = ("inputs", "targets", "loss_mask", "resets", "valid")
 EVAL_ROWS = 512
@@ -48,6 +52,7 @@ def parse(argv):
          "warm": int(args.pop("warm", 0)), "hard": int(args.pop("hard", 0)),
          "hard_frac": float(args.pop("hard_frac", 1.0)), "q": args.pop("q", "final"),
          "segments": int(args.pop("segments", 4)), "mi": float(args.pop("mi", 0.0)),
+         "oracle": int(args.pop("oracle", 0)),
          "warm_ns": tuple(int(x) for x in args.pop("warm_ns", "1,2").split(","))}
   model = {"d_model": 128, "mlp_dim": 384, "num_heads": 4, "vocab_size": 384, "segment_length": 16}
   model.update({k: yaml.safe_load(v) for k, v in args.items()})
@@ -68,6 +73,10 @@ def main(argv):
   tokenizer = make_tokenizer("words")
   train, test = (rows("train", run["ntrain"], cfg, tokenizer, run["ns"], C, run["q"]),
                  rows("test", EVAL_ROWS, cfg, tokenizer, run["ns"], C))
+  if run["oracle"]:
+    global MODEL_KEYS  # pylint: disable=global-statement
+    MODEL_KEYS += ("actor",)
+    train["actor"], test["actor"] = latest_actor(train["inputs"]), latest_actor(test["inputs"])
   # Curriculum: the first `warm` steps draw from shorter stories (`warm_ns` sentences).
   easy = rows("train", run["ntrain"], cfg, tokenizer, run["warm_ns"], C) if run["warm"] else train
   model = LM2(cfg)
@@ -77,10 +86,18 @@ def main(argv):
       schedule, b1=0.9, b2=0.95, weight_decay=0.1, mask=jax.tree.map(lambda p: p.ndim >= 2, params)))
   opt_state = opt.init(params)
 
+  def model_inputs(p, b):
+    """(tokens, inputs_embeds): with `oracle=1` every position's embedding also gets its latest actor's."""
+    if not run["oracle"]:
+      return b["inputs"], None
+    table = p["embed"]["embedding"]
+    return None, table[b["inputs"]] + table[b["actor"]]
+
   def stats(p, b):
     resets = b["resets"][:, :1] if cfg.attention == "full" else b["resets"]  # full: one long segment
-    out, _ = model.apply({"params": p}, b["inputs"], b["targets"], b["loss_mask"], resets=resets,
-                         valid=b["valid"], method=LM2.loss)
+    tokens, embeds = model_inputs(p, b)
+    out, _ = model.apply({"params": p}, tokens, b["targets"], b["loss_mask"], resets=resets,
+                         valid=b["valid"], method=LM2.loss, inputs_embeds=embeds)
     return out
 
   def route_information(p, b):
@@ -89,8 +106,10 @@ def main(argv):
     High when each token routes sharply and a row's tokens spread over many slots; 0 both for uniform
     routing and for routing that sends every token to the same slot (the collapse seen in the diag).
     """
-    (out, _), state = model.apply({"params": p}, b["inputs"], b["targets"], b["loss_mask"], resets=b["resets"],
-                             valid=b["valid"], method=LM2.loss, mutable=["intermediates"])
+    tokens, embeds = model_inputs(p, b)
+    (out, _), state = model.apply({"params": p}, tokens, b["targets"], b["loss_mask"], resets=b["resets"],
+                                  valid=b["valid"], method=LM2.loss, inputs_embeds=embeds,
+                                  mutable=["intermediates"])
     infos = []
     for name, block in state["intermediates"].items():
       if "write_routes" not in block.get("memory", {}):
@@ -121,8 +140,9 @@ def main(argv):
   @jax.jit
   def probe(p, b):
     resets = b["resets"][:, :1] if cfg.attention == "full" else b["resets"]
-    _, state = model.apply({"params": p}, b["inputs"], b["targets"], b["loss_mask"], resets=resets,
-                           valid=b["valid"], method=LM2.loss, mutable=["intermediates"])
+    tokens, embeds = model_inputs(p, b)
+    _, state = model.apply({"params": p}, tokens, b["targets"], b["loss_mask"], resets=resets,
+                           valid=b["valid"], method=LM2.loss, inputs_embeds=embeds, mutable=["intermediates"])
     return state.get("intermediates", {})
 
   def diagnose(p):

@@ -14,6 +14,10 @@ learn it in that budget either: the binding circuit, not the memory, is what is 
 With a fourth argument p it trains on dense rows instead: one story of up to 10 sentences per 64-token
 row, and after each fact, with probability p, "Where is <an actor met so far>?" and its answer, every
 answer in the loss (~3.8 answers per row at p = 0.8). It still evaluates on the standard rows.
+
+`--oracle` hands the model the first step of the binding circuit: every position's input also gets the
+embedding of the latest actor name at or before it (so a place token carries its sentence's actor, and
+the answer position the asked actor). What is left to learn is the lookup.
 """
 
 import pathlib
@@ -66,6 +70,15 @@ def dense_rows(n, prob, rng):
   return {k: np.stack([r[k] for r in out]) for k in KEYS}
 
 
+def latest_actor(tokens):
+  """[N, S] -> [N, S]: the id of the latest actor name at or before each position (PAD before any)."""
+  tok = make_tokenizer("words")
+  actor_ids = np.asarray([tok.encode(a)[0] for a in babi.entities("qa1")[0]])
+  is_actor = np.isin(tokens, actor_ids)
+  index = np.maximum.accumulate(np.where(is_actor, np.arange(tokens.shape[1]), -1), axis=1)
+  return np.where(index >= 0, np.take_along_axis(tokens, np.maximum(index, 0), 1), tok.pad_id)
+
+
 def init(key, layers):
   keys = iter(jax.random.split(key, 8 * layers + 4))
   normal = lambda *shape: jax.random.normal(next(keys), shape) * 0.02  # noqa: E731
@@ -79,9 +92,11 @@ def rms(x, g):
   return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * g
 
 
-def logits(p, tokens, valid):
-  """[B, S] tokens -> [B, S, V] logits."""
+def logits(p, tokens, valid, actor=None):
+  """[B, S] tokens (and, with --oracle, [B, S] latest-actor ids) -> [B, S, V] logits."""
   h = p["embed"][tokens] + p["pos"][None]
+  if actor is not None:
+    h = h + p["embed"][actor]
   mask = jnp.tril(jnp.ones((S, S), bool))[None, None] & valid[:, None, None, :]
   for layer in p["layers"]:
     q, k, v = (t.reshape(*t.shape[:2], HEADS, D // HEADS)
@@ -95,7 +110,7 @@ def logits(p, tokens, valid):
 
 def loss(p, batch):
   """(mean answer NLL, per-row all-answer-tokens-right)."""
-  out = logits(p, batch["inputs"], batch["valid"])
+  out = logits(p, batch["inputs"], batch["valid"], batch.get("actor"))
   nll = -jnp.take_along_axis(jax.nn.log_softmax(out), batch["targets"][..., None], -1)[..., 0]
   mask = batch["loss_mask"]
   right = ((out.argmax(-1) == batch["targets"]) * mask).sum(-1) == mask.sum(-1)
@@ -103,12 +118,17 @@ def loss(p, batch):
 
 
 def main(argv):
+  oracle = "--oracle" in argv
+  argv = [a for a in argv if a != "--oracle"]
   sentences = tuple(int(x) for x in argv[0].split(","))
   steps, layers = int(argv[1]), int(argv[2]) if len(argv) > 2 else 2
   rng = np.random.default_rng(0)
   train = rows("train", 20000, sentences) if len(argv) < 4 else dense_rows(20000, float(argv[3]), rng)
   test = rows("test", 512, sentences)
   print(f"{train['loss_mask'].sum() / 2 / len(train['inputs']):.2f} answers per training row", flush=True)
+  keys = KEYS + ("actor",) if oracle else KEYS
+  if oracle:
+    train["actor"], test["actor"] = latest_actor(train["inputs"]), latest_actor(test["inputs"])
   params = init(jax.random.key(0), layers)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       optax.warmup_cosine_decay_schedule(0.0, 3e-3, 100, 4000, 3e-4), b2=0.95, weight_decay=0.1))
@@ -120,12 +140,12 @@ def main(argv):
     updates, s = opt.update(grads, s, p)
     return optax.apply_updates(p, updates), s, value
 
-  evaluate = jax.jit(lambda p: loss(p, {k: jnp.asarray(test[k]) for k in KEYS})[1])
+  evaluate = jax.jit(lambda p: loss(p, {k: jnp.asarray(test[k]) for k in keys})[1])
   elsewhere = test["last_fact_supports"] == 0
   start = time.time()
   for s in range(1, steps + 1):
     idx = rng.integers(0, len(train["inputs"]), BATCH)
-    params, state, value = step(params, state, {k: jnp.asarray(train[k][idx]) for k in KEYS})
+    params, state, value = step(params, state, {k: jnp.asarray(train[k][idx]) for k in keys})
     if s % 500 == 0 or s == steps:
       right = np.asarray(evaluate(params))
       print(f"step {s} t {time.time() - start:.0f}s loss {float(value):.3f} acc {right.mean():.3f} "
