@@ -73,9 +73,8 @@ def main(argv):
   tokenizer = make_tokenizer("words")
   train, test = (rows("train", run["ntrain"], cfg, tokenizer, run["ns"], C, run["q"]),
                  rows("test", EVAL_ROWS, cfg, tokenizer, run["ns"], C))
+  keys = MODEL_KEYS + ("actor",) if run["oracle"] else MODEL_KEYS
   if run["oracle"]:
-    global MODEL_KEYS  # pylint: disable=global-statement
-    MODEL_KEYS += ("actor",)
     train["actor"], test["actor"] = latest_actor(train["inputs"]), latest_actor(test["inputs"])
   # Curriculum: the first `warm` steps draw from shorter stories (`warm_ns` sentences).
   easy = rows("train", run["ntrain"], cfg, tokenizer, run["warm_ns"], C) if run["warm"] else train
@@ -93,25 +92,25 @@ def main(argv):
     table = p["embed"]["embedding"]
     return None, table[b["inputs"]] + table[b["actor"]]
 
-  def stats(p, b):
+  def forward(p, b, trace=False):
+    """(LossStats, the sown intermediates if `trace`, else None) of batch b."""
     resets = b["resets"][:, :1] if cfg.attention == "full" else b["resets"]  # full: one long segment
     tokens, embeds = model_inputs(p, b)
-    out, _ = model.apply({"params": p}, tokens, b["targets"], b["loss_mask"], resets=resets,
-                         valid=b["valid"], method=LM2.loss, inputs_embeds=embeds)
-    return out
+    out = model.apply({"params": p}, tokens, b["targets"], b["loss_mask"], resets=resets, valid=b["valid"],
+                      method=LM2.loss, inputs_embeds=embeds, mutable=["intermediates"] if trace else False)
+    if not trace:
+      return out[0], None
+    (stats, _), state = out
+    return stats, state.get("intermediates", {})
 
-  def route_information(p, b):
+  def route_information(inter):
     """Mean over memory blocks of I(token; slot) / log M of the context segments' write routing.
 
     High when each token routes sharply and a row's tokens spread over many slots; 0 both for uniform
     routing and for routing that sends every token to the same slot (the collapse seen in the diag).
     """
-    tokens, embeds = model_inputs(p, b)
-    (out, _), state = model.apply({"params": p}, tokens, b["targets"], b["loss_mask"], resets=b["resets"],
-                                  valid=b["valid"], method=LM2.loss, inputs_embeds=embeds,
-                                  mutable=["intermediates"])
     infos = []
-    for name, block in state["intermediates"].items():
+    for block in inter.values():
       if "write_routes" not in block.get("memory", {}):
         continue
       r = block["memory"]["write_routes"][0][:-1] + 1e-9          # [C-1, B, Nm, T, M], padding rows 0
@@ -121,34 +120,25 @@ def main(argv):
       h_row = -(mean * jnp.log(mean)).sum(-1)
       h_tok = (h_tok * w).sum((0, 3, 4)) / w.sum((0, 3, 4))        # [B, Nm]
       infos.append(jnp.mean(h_row - h_tok) / jnp.log(cfg.num_slots))
-    return out, jnp.mean(jnp.stack(infos))
+    return jnp.mean(jnp.stack(infos))
 
   @jax.jit
   def step(p, o, b):
     def loss(p):
-      if run["mi"] > 0:
-        s, info = route_information(p, b)
-        return s.nll_sum.sum() / jnp.maximum(s.weight_sum.sum(), 1.0) - run["mi"] * info
-      s = stats(p, b)
-      return s.nll_sum.sum() / jnp.maximum(s.weight_sum.sum(), 1.0)
+      s, inter = forward(p, b, trace=run["mi"] > 0)
+      nll = s.nll_sum.sum() / jnp.maximum(s.weight_sum.sum(), 1.0)
+      return nll - run["mi"] * route_information(inter) if inter is not None else nll
     value, grads = jax.value_and_grad(loss)(p)
     updates, o = opt.update(grads, o, p)
     return optax.apply_updates(p, updates), o, value
 
-  eval_stats = jax.jit(stats)
-
-  @jax.jit
-  def probe(p, b):
-    resets = b["resets"][:, :1] if cfg.attention == "full" else b["resets"]
-    tokens, embeds = model_inputs(p, b)
-    _, state = model.apply({"params": p}, tokens, b["targets"], b["loss_mask"], resets=resets,
-                           valid=b["valid"], method=LM2.loss, inputs_embeds=embeds, mutable=["intermediates"])
-    return state.get("intermediates", {})
+  eval_stats = jax.jit(lambda p, b: forward(p, b)[0])
+  probe = jax.jit(lambda p, b: forward(p, b, trace=True)[1])
 
   def diagnose(p):
     """Per memory block: read entropy at the answer position (/ log M), effective slots written per row
     (exp of the entropy of the row's routed mass over slots and segments), mean input/forget gates."""
-    b = {k: jnp.asarray(test[k][:128]) for k in MODEL_KEYS}
+    b = {k: jnp.asarray(test[k][:128]) for k in keys}
     inter = jax.tree.map(np.asarray, probe(p, b))
     answer_pos = int(np.argmax(test["loss_mask"][0])) - (C - 1) * cfg.segment_length
     out = {}
@@ -159,8 +149,8 @@ def main(argv):
       read = mem["read_attention"][0][-1][:, :, answer_pos]          # [B, Nm, M], last segment
       ent = -(read * np.log(read + 1e-9)).sum(-1).mean() / np.log(cfg.num_slots)
       row = {"read_H": round(float(ent), 2)}
-      if "write_mass" in mem:
-        mass = mem["write_mass"][0][:-1].sum(0)                     # [B, Nm, M] over context segments
+      if "write_routes" in mem:
+        mass = mem["write_routes"][0][:-1].sum((0, 3))              # [B, Nm, M] over context segments
         q = mass / mass.sum(-1, keepdims=True)
         row["slots_used"] = round(float(np.exp(-(q * np.log(q + 1e-9)).sum(-1)).mean()), 1)
       for g in ("input_gate_mean", "forget_gate_mean"):
@@ -172,7 +162,7 @@ def main(argv):
   def evaluate(p):
     right = []
     for i in range(0, EVAL_ROWS, 128):
-      s = eval_stats(p, {k: jnp.asarray(test[k][i:i + 128]) for k in MODEL_KEYS})
+      s = eval_stats(p, {k: jnp.asarray(test[k][i:i + 128]) for k in keys})
       right.append(np.asarray(s.correct_sum == s.weight_sum))
     right = np.concatenate(right)
     distance = C - 1 - test["fact_segment"]
@@ -190,7 +180,7 @@ def main(argv):
       n_hard = int(round(run["hard_frac"] * run["bs"]))
       idx[:n_hard] = rng.choice(hard_rows, n_hard)
     source = easy if s <= run["warm"] else train
-    params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(source[k][idx]) for k in MODEL_KEYS})
+    params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(source[k][idx]) for k in keys})
     if s % run["every"] == 0:
       acc, by, elsewhere = evaluate(params)
       print(f"step {s} t {time.time() - start:.0f}s loss {float(loss):.3f} acc {acc:.3f} {by} "

@@ -10,7 +10,7 @@ import pytest
 
 from lm2_jax.data import tokenizers
 from lm2_jax.eval import multiple_choice, perplexity
-from lm2_jax.eval.checkpoints import EvalModel
+from lm2_jax.eval.checkpoints import CheckpointError, EvalModel, run_config
 from lm2_jax.model import LM2, ModelConfig
 
 T = 8
@@ -92,3 +92,17 @@ def test_malformed_multiple_choice_lines(tmp_path, line, message):
   path.write_text('{"question": "q", "choices": ["a", "b"], "answer": "b"}\n' + line + "\n")
   with pytest.raises(multiple_choice.MCDataError, match=f"bad.jsonl:2: .*{message}"):
     multiple_choice.read_jsonl(path)
+
+
+def test_run_config_falls_back_to_the_run_yaml_and_names_a_broken_one(tmp_path):
+  step_dir = tmp_path / "checkpoints" / "3"
+  step_dir.mkdir(parents=True)                              # no saved `config` item
+  (tmp_path / "config.yaml").write_text("model:\n  d_model: 64\n")
+  data, where = run_config(step_dir, tmp_path)
+  assert data == {"model": {"d_model": 64}} and where.endswith("config.yaml")
+  (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+  with pytest.raises(CheckpointError, match="config.yaml: invalid YAML"):
+    run_config(step_dir, tmp_path)
+  (tmp_path / "config.yaml").write_text("- a list\n")
+  with pytest.raises(CheckpointError, match="expected a mapping"):
+    run_config(step_dir, tmp_path)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import yaml
 
 from lm2_jax.data import tokenizers as tokenizers_lib
 from lm2_jax.model import LM2, ModelConfig
+from lm2_jax.train.config import ConfigError, read_yaml
 from lm2_jax.typing import PyTree
 
 
@@ -102,12 +102,9 @@ def run_config(step_dir: pathlib.Path, run_dir: pathlib.Path | None) -> tuple[di
   if run_dir is not None and (run_dir / "config.yaml").is_file():
     path = run_dir / "config.yaml"
     try:
-      data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-      raise CheckpointError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(data, dict):
-      raise CheckpointError(f"{path}: expected a mapping of config sections")
-    return data, str(path)
+      return read_yaml(path), str(path)
+    except ConfigError as e:
+      raise CheckpointError(str(e)) from e
   raise CheckpointError(f"{step_dir} has no saved config (neither {step_dir / 'config'} nor a run "
                         "directory config.yaml): pass --model-config FILE.yaml to say which model it is")
 

@@ -163,7 +163,6 @@ class Memory(nn.Module):
       routes = jax.nn.softmax(scores, axis=-1) * valid[:, None, :, None]  # [B, Nm, T, M]
       mass = jnp.sum(routes, axis=2)                       # [B, Nm, M]
       u = jnp.einsum("BNTM,BTNH->BMNH", routes, hu) / jnp.maximum(mass, 1e-6)[..., None].swapaxes(1, 2)
-      self.sow("intermediates", "write_mass", mass)
       self.sow("intermediates", "write_routes", routes)
       strength = jnp.broadcast_to((1.0 - jnp.exp(-mass)).swapaxes(1, 2)[..., None], u.shape)
       strength = strength.reshape(prev_bank.shape)

@@ -262,7 +262,8 @@ def _build(cls, data: Any, prefix: str):
   return cls(**kwargs)
 
 
-def _read_yaml(path: pathlib.Path) -> dict:
+def read_yaml(path: pathlib.Path) -> dict:
+  """The top-level mapping of a YAML file ({} for an empty file); ConfigError names the file and why."""
   try:
     text = path.read_text()
   except OSError as e:
@@ -290,7 +291,7 @@ def load_experiment(path: str | pathlib.Path, _seen: tuple = ()) -> dict:
   path = pathlib.Path(path).resolve()
   if path in _seen:
     raise ConfigError(f"{path}: `base:` cycle through {[str(p) for p in _seen]}")
-  data = _read_yaml(path)
+  data = read_yaml(path)
   merged: dict = {}
   if "base" in data:
     base = data.pop("base")
@@ -299,13 +300,13 @@ def load_experiment(path: str | pathlib.Path, _seen: tuple = ()) -> dict:
     merged = load_experiment(path.parent / base, _seen + (path,))
   for section, value in data.items():
     if isinstance(value, str) and value.endswith((".yaml", ".yml")):
-      value = _read_yaml(path.parent / value)
+      value = read_yaml(path.parent / value)
     elif isinstance(value, dict) and "include" in value:
       value = dict(value)
       include = value.pop("include")
       if not isinstance(include, str):
         raise ConfigError(f"{path}: {section}.include must be a path string, got {include!r}")
-      value = _deep_merge(_read_yaml(path.parent / include), value)
+      value = _deep_merge(read_yaml(path.parent / include), value)
     if isinstance(value, dict) and isinstance(merged.get(section), dict):
       value = _deep_merge(merged[section], value)
     merged[section] = value
