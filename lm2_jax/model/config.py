@@ -12,7 +12,7 @@ import yaml
 _CHOICES = {
     "memory_init": ("identity", "learned", "zeros"),
     "memory_flow": ("chained", "per_block"),
-    "write_softmax": ("tokens", "slots"),
+    "memory_write": ("tokens", "slots", "keyed"),
     "memory_keys": ("content", "address", "both"),
     "attention": ("segment", "full"),
     "remat": ("none", "full", "dots"),
@@ -46,8 +46,13 @@ class ModelConfig:
     memory_keys: what the key projection sees: "content" (the bank; DESIGN.md §2), "address" (a learned
       per-slot address [M, D] that writes never change: a slot is found by where it is, its content is
       only the value) or "both" (address + content).
-    write_softmax: "tokens" (each slot attends over the segment's tokens; DESIGN.md §2) or "slots"
-      (each token routes over the slots with the read's softmax; a slot changes with its routed mass).
+    memory_write: how a segment is written into the bank. "tokens" (each slot attends over the
+      segment's tokens; DESIGN.md §2), "slots" (each token routes over the slots with the read's softmax;
+      a slot changes with its routed mass) or "keyed" (content-addressed: token by token, a token
+      overwrites the slot whose key matches its own, else the emptiest slot; docs/design.md). The
+      legacy key `write_softmax` is read as `memory_write`.
+    memory_match_threshold: "keyed" write: the cosine between a token's key and a slot's key above
+      which the token rewrites that slot instead of taking the emptiest one.
     memory_init: "identity" (rows of the identity, needs M <= D), "learned" or "zeros".
     memory_flow: "chained" (one bank, writes chained through the blocks) or "per_block".
     bptt_segments: stop gradients through the memory carry every k segments (0 = full BPTT).
@@ -83,7 +88,8 @@ class ModelConfig:
   forget_gate: bool = True
   forget_bias_init: float = 1.0
   memory_norm: bool = False
-  write_softmax: str = "tokens"
+  memory_write: str = "tokens"
+  memory_match_threshold: float = 0.5
   memory_score_scale: float = 1.0
   memory_keys: str = "content"
   memory_init: str = "identity"
@@ -121,6 +127,9 @@ class ModelConfig:
                        "rope_low_freq_factor")
     if self.memory_score_scale <= 0:
       raise ValueError(f"ModelConfig.memory_score_scale must be > 0, got {self.memory_score_scale}")
+    if not -1.0 <= self.memory_match_threshold <= 1.0:
+      raise ValueError("ModelConfig.memory_match_threshold is a cosine: it must be in [-1, 1], got "
+                       f"{self.memory_match_threshold}")
     if self.bptt_segments < 0:
       raise ValueError(f"ModelConfig.bptt_segments must be >= 0, got {self.bptt_segments}")
     if self.use_memory:
@@ -137,6 +146,14 @@ class ModelConfig:
       if self.read_topk is not None and not 1 <= self.read_topk <= self.num_slots:
         raise ValueError(f"ModelConfig.read_topk must be in [1, num_slots={self.num_slots}] "
                          f"(or null for a dense read), got {self.read_topk}")
+      if self.memory_write == "keyed" and (self.memory_keys != "content" or
+                                            self.memory_init != "zeros"):
+        raise ValueError("ModelConfig.memory_write='keyed' finds a new key's slot as the emptiest one "
+                         "and matches the slots' content keys: it needs memory_init: zeros and "
+                         f"memory_keys: content, got {self.memory_init!r} and {self.memory_keys!r}")
+      if self.memory_write == "keyed" and self.memory_match_threshold <= 0:
+        raise ValueError("ModelConfig.memory_match_threshold must be > 0 with memory_write='keyed' "
+                         "(an empty slot's key has cosine 0 with every token)")
       if self.attention == "full":
         raise ValueError("ModelConfig.attention='full' is the memory-less long-context baseline: "
                          "set use_memory: false, or use attention: segment with memory")
@@ -170,6 +187,10 @@ class ModelConfig:
   def from_dict(cls, values: dict[str, Any], **overrides) -> "ModelConfig":
     """Builds a config from a mapping; unknown keys are an error naming them."""
     merged = {**(values or {}), **overrides}
+    if "write_softmax" in merged:  # the knob's name before the keyed write existed
+      if "memory_write" in merged:
+        raise ValueError("give memory_write only (write_softmax is its old name)")
+      merged["memory_write"] = merged.pop("write_softmax")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(merged) - known)
     if unknown:

@@ -31,6 +31,7 @@ class DecodeState:
     cache: per layer (keys, values) [B, T, K, H] of the current segment.
     tokens: int32 [B, T] tokens of the current segment so far (the write needs them).
     valid: bool [B, T] real tokens among them.
+    bound: int32 [B, T] their bound tokens (-1: none; `LM2.__call__`'s bound channel).
     length: how many tokens the current segment holds (host int, equal across the batch).
     position: tokens consumed since the start of the stream.
   """
@@ -39,6 +40,7 @@ class DecodeState:
   cache: tuple
   tokens: Array
   valid: Array
+  bound: Array
   length: int = 0
   position: int = 0
 
@@ -68,11 +70,11 @@ class Decoder:
     self._segment = jax.jit(self._segment_fn)
     self._chunk = jax.jit(self._chunk_fn)
 
-  def _segment_fn(self, variables, tokens, memory, valid):
-    return self.model.apply(variables, tokens, memory=memory, valid=valid)
+  def _segment_fn(self, variables, tokens, memory, valid, bound):
+    return self.model.apply(variables, tokens, memory=memory, valid=valid, bound=bound)
 
-  def _chunk_fn(self, variables, tokens, memory, cache, cache_valid, index):
-    return self.model.apply(variables, tokens, memory, cache, cache_valid, index,
+  def _chunk_fn(self, variables, tokens, memory, cache, cache_valid, index, bound):
+    return self.model.apply(variables, tokens, memory, cache, cache_valid, index, bound,
                             method=LM2.decode)
 
   def init_state(self, batch_size: int) -> DecodeState:
@@ -83,48 +85,53 @@ class Decoder:
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
     return DecodeState(memory, cache, jnp.zeros((batch_size, t), jnp.int32),
-                       jnp.zeros((batch_size, t), bool))
+                       jnp.zeros((batch_size, t), bool), jnp.full((batch_size, t), -1, jnp.int32))
 
-  def feed(self, state: DecodeState, tokens, valid=None) -> tuple[Array, DecodeState]:
-    """Consumes tokens [B, n] (any n); returns their logits [B, n, V] and the new state."""
+  def feed(self, state: DecodeState, tokens, valid=None, bound=None) -> tuple[Array, DecodeState]:
+    """Consumes tokens [B, n] (any n; bound [B, n] optional); returns their logits [B, n, V] and the
+    new state."""
     tokens = jnp.asarray(tokens, jnp.int32)
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    bound = jnp.full(tokens.shape, -1, jnp.int32) if bound is None else jnp.asarray(bound, jnp.int32)
     t, n, done, outs = self.segment_length, tokens.shape[1], 0, []
     while done < n:
       if state.length == 0 and n - done >= t and self.cfg.attention == "segment":
         # A whole segment: one segment forward gives its logits and the next memory.
         logits, memory = self._segment(self.variables, tokens[:, done:done + t], state.memory,
-                                       valid[:, done:done + t])
+                                       valid[:, done:done + t], bound[:, done:done + t])
         state = dataclasses.replace(state, memory=memory, position=state.position + t)
         outs.append(logits)
         done += t
         continue
       take = min(n - done, t - state.length)
-      logits, state = self._feed_chunk(state, tokens[:, done:done + take], valid[:, done:done + take])
+      logits, state = self._feed_chunk(state, tokens[:, done:done + take], valid[:, done:done + take],
+                                       bound[:, done:done + take])
       outs.append(logits)
       done += take
     return jnp.concatenate(outs, axis=1), state
 
-  def _feed_chunk(self, state, tokens, valid):
+  def _feed_chunk(self, state, tokens, valid, bound):
     i, n = state.length, tokens.shape[1]
     if i + n > self.segment_length:
       raise ValueError(f"the cache holds {self.segment_length} tokens; {i} + {n} do not fit")
     seg_tokens = state.tokens.at[:, i:i + n].set(tokens)
     seg_valid = state.valid.at[:, i:i + n].set(valid)
+    seg_bound = state.bound.at[:, i:i + n].set(bound)
     logits, cache = self._chunk(self.variables, tokens, state.memory, state.cache, seg_valid,
-                                jnp.int32(i))
+                                jnp.int32(i), bound)
     state = dataclasses.replace(state, cache=cache, tokens=seg_tokens, valid=seg_valid,
-                                length=i + n, position=state.position + n)
+                                bound=seg_bound, length=i + n, position=state.position + n)
     if state.length == self.segment_length and self.cfg.attention == "segment":
       state = self.close_segment(state)
     return logits, state
 
   def close_segment(self, state: DecodeState) -> DecodeState:
     """Writes the memory from the finished segment and empties the cache."""
-    _, memory = self._segment(self.variables, state.tokens, state.memory, state.valid)
+    _, memory = self._segment(self.variables, state.tokens, state.memory, state.valid, state.bound)
     return dataclasses.replace(state, memory=memory, length=0,
                                tokens=jnp.zeros_like(state.tokens),
-                               valid=jnp.zeros_like(state.valid))
+                               valid=jnp.zeros_like(state.valid),
+                               bound=jnp.full_like(state.bound, -1))
 
   def generate(self, state: DecodeState, last_logits, max_new_tokens: int, *, eos_id: int | None = None,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

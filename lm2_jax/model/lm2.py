@@ -88,7 +88,7 @@ class LM2(nn.Module):
   # Public API.
   def __call__(self, tokens: Array | None = None, memory: Array | None = None,
                resets: Array | None = None, valid: Array | None = None, *,
-               inputs_embeds: Array | None = None):
+               inputs_embeds: Array | None = None, bound: Array | None = None):
     """Logits of every position and the memory after the last segment.
 
     Args:
@@ -97,10 +97,12 @@ class LM2(nn.Module):
       resets: bool [B, C]: restart a row's memory at a segment (a document starts there).
       valid: bool [B, C*T]: real tokens (default all); padding is neither attended to nor written.
       inputs_embeds: [B, C*T, D] input embeddings instead of tokens (soft prompts; gradient tests).
+      bound: int32 [B, C*T]: a token id whose embedding is added to each position's input, -1 for none
+        (the bound, or oracle, channel of the recall test beds: `data.bind`).
     Returns:
       (logits float32 [B, C*T, V], memory: float32 [B, M, D] or [L_mem, B, M, D], None without memory).
     """
-    memory, xs = self._prepare(tokens, inputs_embeds, memory, resets, valid)
+    memory, xs = self._prepare(tokens, inputs_embeds, memory, resets, valid, bound)
     scan = nn.scan(_logits_body, variable_broadcast="params", split_rngs={"params": False},
                    variable_axes={"intermediates": 0})
     memory, logits = scan(self, memory, xs)             # logits [C, B, T, V]
@@ -109,16 +111,16 @@ class LM2(nn.Module):
 
   def loss(self, tokens: Array | None, targets: Array, loss_mask: Array, memory: Array | None = None,
            resets: Array | None = None, valid: Array | None = None, *,
-           inputs_embeds: Array | None = None):
+           inputs_embeds: Array | None = None, bound: Array | None = None):
     """Per-row loss sums computed segment by segment (no [B, C*T, V] logits).
 
     Args:
-      tokens, memory, resets, valid, inputs_embeds: as in `__call__`.
+      tokens, memory, resets, valid, inputs_embeds, bound: as in `__call__`.
       targets: int32 [B, C*T] next-token targets. loss_mask: [B, C*T] weights (0 = ignore).
     Returns:
       (LossStats of float32 [B] sums, the memory after the last segment).
     """
-    memory, xs = self._prepare(tokens, inputs_embeds, memory, resets, valid)
+    memory, xs = self._prepare(tokens, inputs_embeds, memory, resets, valid, bound)
     xs["targets"] = self._segments(targets)
     xs["loss_mask"] = self._segments(loss_mask.astype(jnp.float32))
     scan = nn.scan(_loss_body, variable_broadcast="params", split_rngs={"params": False},
@@ -136,7 +138,7 @@ class LM2(nn.Module):
     return bank
 
   def decode(self, tokens: Array, memory: Array | None, cache: tuple, cache_valid: Array,
-             index: Array):
+             index: Array, bound: Array | None = None):
     """Runs n tokens of the current segment against per-layer KV caches (incremental decoding).
 
     Needs the unrolled layout (`scan_layers: false`); `lm2_jax.model.decode.Decoder` converts.
@@ -147,13 +149,14 @@ class LM2(nn.Module):
       cache: per layer a (keys, values) pair [B, T, K, H].
       cache_valid: [B, T] real tokens in the cache including these n.
       index: int32 scalar segment position of the first token.
+      bound: int32 [B, n] or None: as in `__call__`.
     Returns:
       (logits float32 [B, n, V], the updated caches).
     """
     cfg = self.cfg
     if cfg.scan_layers:
       raise ValueError("LM2.decode needs scan_layers=false; use lm2_jax.model.decode.Decoder")
-    x = self.embed(tokens)
+    x = self._embed(tokens, None, bound)
     new_cache = []
     for i in range(cfg.num_layers):
       bank = None
@@ -177,11 +180,21 @@ class LM2(nn.Module):
     t = self._segment_length(s)
     return jnp.swapaxes(x.reshape(b, s // t, t, *x.shape[2:]), 0, 1)
 
-  def _prepare(self, tokens, inputs_embeds, memory, resets, valid):
-    cfg = self.cfg
+  def _embed(self, tokens, inputs_embeds, bound):
+    """Input embeddings [B, S, D]: of the tokens (or given), plus the bound tokens' where bound >= 0."""
     if (tokens is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of tokens and inputs_embeds")
-    x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(cfg.compute_dtype)
+    x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+    if bound is not None:
+      if bound.shape != x.shape[:2]:
+        raise ValueError(f"bound must be int [B, S] = {x.shape[:2]}, got shape {bound.shape}")
+      extra = self.embed(jnp.maximum(bound, 0))
+      x = x + jnp.where((bound >= 0)[..., None], extra, jnp.zeros_like(extra))
+    return x
+
+  def _prepare(self, tokens, inputs_embeds, memory, resets, valid, bound=None):
+    cfg = self.cfg
+    x = self._embed(tokens, inputs_embeds, bound)
     b, s = x.shape[:2]
     t = self._segment_length(s)
     if s == 0 or s % t:

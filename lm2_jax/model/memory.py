@@ -10,6 +10,20 @@ One score matrix per memory head serves both directions:
            u   = a_w (h Wu)                                                         [B, M, D]
            mem' = sigmoid(u W_in + b_in) * tanh(u) + sigmoid(u W_f + b_f) * mem
 
+That is `memory_write: tokens`; `slots` routes each token over the slots with the read's softmax instead.
+`keyed` is a content-addressed write that does not share the read's scores. Token by token, in order:
+
+    u_t  = h_t Wu;  c_t = sigmoid(u_t W_in + b_in) * tanh(u_t)        the content t would store    [B, D]
+    k_t  = unit(key(c_t)),  K_m = unit(key(mem_m))      key(x): the read's key projection of x (rows
+                                                          RMS-normalised first with `memory_norm`),
+                                                          heads flattened; unit(k) = k / |k|
+    slot = argmax_m k_t.K_m  if max_m k_t.K_m > memory_match_threshold,  else argmin_m |mem_m|^2
+    mem_slot' = sigmoid(u_t W_f + b_f) * mem_slot + c_t                (every other slot unchanged)
+
+So a token whose key matches a stored key rewrites that slot (a reassigned key replaces its old value, as
+the keys a reader matches are these same keys), and a new key takes the emptiest slot (a zero bank's
+slots first, `memory_init: zeros`). The read is unchanged: attention over the stored slots' keys.
+
 The block reads the bank as it stood at the start of the segment, so no token sees memory written from its
 own segment: causality holds by construction. The bank is float32 whatever the compute dtype.
 """
@@ -146,15 +160,17 @@ class Memory(nn.Module):
   def write(self, scores: Array, h: Array, prev_bank: Array, valid: Array) -> Array:
     """The bank after the segment [B, M, D] (float32), written from the segment's real tokens.
 
-    `write_softmax: tokens`: each slot attends over the tokens (softmax over T) and is rewritten every
+    `memory_write: keyed` is `keyed_write`. `tokens`: each slot attends over the tokens (softmax over T) and is rewritten every
     segment. `slots`: each token routes itself over the slots with the read's softmax over M (a token
     writes where it reads); a slot takes the routed tokens' mean and changes in proportion to
     1 - exp(-mass), its routed mass, so slots no token routes to keep their content.
     """
     cfg = self.cfg
+    if cfg.memory_write == "keyed":
+      return self.keyed_write(h, prev_bank, valid)
     dt = cfg.compute_dtype
     hu = self._heads(self.update(constrain(h, TOKEN_AXES))).astype(jnp.float32)  # [B, T, Nm, H]
-    if cfg.write_softmax == "tokens":
+    if cfg.memory_write == "tokens":
       write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
       write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
       u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu)
@@ -180,6 +196,50 @@ class Memory(nn.Module):
     # A segment with no real token leaves the bank as it was (no decay, no NaN).
     any_valid = jnp.any(valid, axis=1)[:, None, None]
     return constrain(jnp.where(any_valid, new_bank, prev), MEMORY_AXES)
+
+  def keyed_write(self, h: Array, prev_bank: Array, valid: Array) -> Array:
+    """The content-addressed write (module docstring): a scan over the segment's tokens, in order."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    u = self.update(constrain(h, TOKEN_AXES))            # [B, T, D]
+    ones = jnp.ones(u.shape, jnp.float32)
+    g_in = self.in_gate(constrain(u, TOKEN_AXES)) if cfg.input_gate else ones
+    g_f = self.forget_gate(constrain(u, TOKEN_AXES)) if cfg.forget_gate else ones
+    content = g_in * jnp.tanh(u.astype(jnp.float32))    # [B, T, D] float32
+    kernel = nn.unbox(self.key.variables["params"]["kernel"]).astype(dt)  # [D, Nm, H]
+
+    def unit_key(x):
+      """unit(key(x)) for rows x [..., D] (float32): the slot key a read would match, heads flattened."""
+      if cfg.memory_norm:
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+      k = jnp.einsum("...D,DNH->...NH", x.astype(dt), kernel, preferred_element_type=jnp.float32)
+      k = k.reshape(*k.shape[:-2], -1)
+      return k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + 1e-12)
+
+    def step(carry, xs):
+      bank, keys = carry                                 # [B, M, D], [B, M, E] unit keys
+      c_t, k_t, f_t, valid_t = xs                        # [B, D], [B, E], [B, D], [B]
+      match = jnp.einsum("BE,BME->BM", k_t, keys)
+      fresh = jnp.argmin(jnp.sum(bank * bank, axis=-1), axis=-1)
+      slot = jnp.where(jnp.max(match, axis=-1) > cfg.memory_match_threshold,
+                       jnp.argmax(match, axis=-1), fresh)
+      pick = jax.nn.one_hot(slot, cfg.num_slots, dtype=jnp.float32)          # [B, M]
+      row = f_t * jnp.einsum("BM,BMD->BD", pick, bank) + c_t
+      route = pick * valid_t[:, None]
+      bank = bank + route[..., None] * (row[:, None, :] - bank)
+      keys = keys + route[..., None] * (unit_key(row)[:, None, :] - keys)
+      return (bank, keys), route
+
+    prev = prev_bank.astype(jnp.float32)
+    xs = (content, unit_key(content), g_f.astype(jnp.float32), valid.astype(jnp.float32))
+    xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), xs)  # token axis first
+    (bank, _), routes = jax.lax.scan(step, (prev, unit_key(prev)), xs)
+    self.sow("intermediates", "write_routes", jnp.swapaxes(routes, 0, 1)[:, None])  # [B, 1, T, M]
+    if cfg.input_gate:
+      self.sow("intermediates", "input_gate_mean", jnp.mean(g_in, axis=(1, 2)))
+    if cfg.forget_gate:
+      self.sow("intermediates", "forget_gate_mean", jnp.mean(g_f, axis=(1, 2)))
+    return constrain(bank, MEMORY_AXES)
 
   def __call__(self, h: Array, read_bank: Array, prev_bank: Array, valid: Array):
     """Memory read for the segment and the written bank.

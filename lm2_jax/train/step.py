@@ -19,14 +19,21 @@ from lm2_jax.train import mesh as mesh_lib
 from lm2_jax.train.state import TrainState
 from lm2_jax.typing import PyTree
 
-# Batch keys the model reads; QA bookkeeping keys (answer_id, fact_segment, ...) stay on the host.
+# Batch keys the model reads, and those it reads when present (`bound`: runs with `data.bind`); QA
+# bookkeeping keys (answer_id, fact_segment, ...) stay on the host.
 MODEL_KEYS = ("inputs", "targets", "loss_mask", "valid", "resets")
+OPTIONAL_MODEL_KEYS = ("bound",)
+
+
+def model_inputs(batch: dict) -> dict:
+  """The entries of `batch` the model reads."""
+  return {k: batch[k] for k in MODEL_KEYS + OPTIONAL_MODEL_KEYS if k in batch}
 
 
 def _loss_stats(model: nn.Module, params: PyTree, batch: dict, rng):
   stats, _ = model.apply({"params": params}, batch["inputs"], batch["targets"], batch["loss_mask"],
                          memory=None, resets=batch.get("resets"), valid=batch.get("valid"),
-                         method="loss", rngs={"dropout": rng})
+                         bound=batch.get("bound"), method="loss", rngs={"dropout": rng})
   return stats
 
 
@@ -55,7 +62,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return grads, nll, weight, correct
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    batch = model_inputs(batch)
     rng, step_rng = jax.random.split(state.rng)
     if micro_batches == 1:
       grads, nll, weight, correct = nll_and_grads(state.params, batch, step_rng)
@@ -99,7 +106,7 @@ def make_eval_step(model: nn.Module) -> Callable:
   """Returns eval_step(params, batch) -> per-row float32 [B] nll_sum, weight_sum, correct_sum."""
 
   def eval_step(params: PyTree, batch: dict) -> dict:
-    batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    batch = model_inputs(batch)
     stats = _loss_stats(model, params, batch, jax.random.PRNGKey(0))
     return {"nll_sum": stats.nll_sum, "weight_sum": stats.weight_sum,
             "correct_sum": stats.correct_sum}
@@ -107,18 +114,23 @@ def make_eval_step(model: nn.Module) -> Callable:
   return eval_step
 
 
-def abstract_batch(batch_size: int, seq_len: int, num_segments: int, mesh: Mesh) -> dict:
-  """ShapeDtypeStructs of a model batch [B, C*T] (and resets [B, C]) with the batch sharding."""
+def abstract_batch(batch_size: int, seq_len: int, num_segments: int, mesh: Mesh,
+                   bound: bool = False) -> dict:
+  """ShapeDtypeStructs of a model batch [B, C*T] (and resets [B, C]) with the batch sharding; with
+  `bound`, the bound channel [B, C*T] too."""
   sharding = mesh_lib.batch_sharding(mesh)
   def spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  return {
+  batch = {
       "inputs": spec((batch_size, seq_len), jnp.int32),
       "targets": spec((batch_size, seq_len), jnp.int32),
       "loss_mask": spec((batch_size, seq_len), jnp.float32),
       "valid": spec((batch_size, seq_len), jnp.bool_),
       "resets": spec((batch_size, num_segments), jnp.bool_),
   }
+  if bound:
+    batch["bound"] = spec((batch_size, seq_len), jnp.int32)
+  return batch
 
 
 def compile_train_step(train_step: Callable, state_shardings: TrainState, abstract_state: TrainState,

@@ -1,0 +1,184 @@
+"""The keyed (content-addressed) memory write: its equations against an independent NumPy replay, the
+lookup it exists for (a reassigned key is overwritten and read back), and the model invariants with it."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm2_jax.model.decode import Decoder
+from lm2_jax.model.memory import Memory
+from model_utils import init_model, max_abs_diff, tiny_config
+from test_model_causality import _jacobian
+from test_model_decode import _stream
+from test_model_recurrence import _three_ways
+
+KEYED = dict(memory_write="keyed", memory_init="zeros")
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def reference_keyed_write(h, bank, valid, p, cfg):
+  """The keyed write replayed token by token in NumPy, every slot key recomputed at every token.
+
+  h [B, T, D], bank [B, M, D], valid [B, T]; p: the Memory parameters as NumPy arrays.
+  """
+  u = h @ p["update"]["kernel"]
+  g_in = _sigmoid(u @ p["in_gate"]["kernel"] + p["in_gate"]["bias"])
+  g_f = _sigmoid(u @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
+  content = g_in * np.tanh(u)
+  wk = p["key"]["kernel"].reshape(cfg.d_model, -1)
+
+  def unit_key(x):
+    if cfg.memory_norm:
+      x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+    k = x @ wk
+    return k / np.sqrt(np.sum(k * k, axis=-1, keepdims=True) + 1e-12)
+
+  bank = np.array(bank, np.float64)
+  slots = np.full(valid.shape, -1)
+  for b in range(h.shape[0]):
+    for t in range(h.shape[1]):
+      if not valid[b, t]:
+        continue
+      match = unit_key(bank[b]) @ unit_key(content[b, t])
+      if match.max() > cfg.memory_match_threshold:
+        s = int(np.argmax(match))
+      else:
+        s = int(np.argmin(np.sum(bank[b] ** 2, axis=-1)))
+      bank[b, s] = g_f[b, t] * bank[b, s] + content[b, t]
+      slots[b, t] = s
+  return bank, slots
+
+
+def _memory(cfg, h, bank, valid, seed=0):
+  mem = Memory(cfg)
+  variables = mem.init(jax.random.key(seed), h, bank, bank, valid)
+  return mem, nn.unbox(variables)
+
+
+@pytest.mark.parametrize("memory_norm", [False, True])
+def test_keyed_write_matches_the_numpy_replay(memory_norm):
+  cfg = tiny_config(**KEYED, memory_norm=memory_norm, init_std=0.3)
+  b, t, m, d = 2, cfg.segment_length, cfg.num_slots, cfg.d_model
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(b, t, d)).astype(np.float32)
+  h[:, 5] = h[:, 1]                        # the same token again: its key matches the slot it took
+  h[0, 6] = h[0, 2] * 1.5                  # a scaled copy: same key direction
+  bank = np.zeros((b, m, d), np.float32)
+  bank[:, :3] = rng.normal(size=(b, 3, d))  # three full slots, five empty
+  valid = np.ones((b, t), bool)
+  valid[0, 0] = valid[1, 7] = valid[1, 2] = False
+  mem, variables = _memory(cfg, jnp.asarray(h), jnp.asarray(bank), jnp.asarray(valid))
+  params = jax.tree.map(np.asarray, variables["params"])
+  # Slot 4 of row 1 holds (a tenth of) what token 3 would store: a key from an earlier segment.
+  bank[1, 4] = 0.1 * reference_keyed_write(h[1:, 3:4], np.zeros((1, m, d)), valid[1:, 3:4], params,
+                                           cfg)[0][0, 0]
+  (_, new_bank), state = mem.apply(variables, h, bank, bank, valid, mutable=["intermediates"])
+  want, slots = reference_keyed_write(h, bank, valid, params, cfg)
+  assert max_abs_diff(new_bank, want) <= 1e-5
+  # Both branches ran: a match (a repeated token went to its first slot) and fresh slots.
+  assert slots[0, 5] == slots[0, 1] and slots[1, 5] == slots[1, 1] and slots[1, 3] == 4
+  assert len(set(slots[0][valid[0]].tolist())) >= 4
+  routes = np.asarray(state["intermediates"]["write_routes"][0])[:, 0]  # [B, T, M]
+  np.testing.assert_array_equal(routes.argmax(-1)[valid], slots[valid])
+  assert np.all(routes[~valid] == 0)
+
+
+def _lookup_memory(cfg):
+  """Hand-set parameters: keys are dims 0..7, values dims 8..15; gates open (write) and shut (forget)."""
+  d, nm, hd = cfg.d_model, cfg.memory_heads, cfg.memory_head_dim
+  key = np.zeros((d, nm, hd), np.float32)
+  key[np.arange(8), 0, np.arange(8)] = 1.0
+  eye = np.eye(d, dtype=np.float32)
+  params = {
+      "query": {"kernel": 40.0 * key}, "key": {"kernel": key},
+      "value": {"kernel": eye}, "update": {"kernel": 3.0 * eye},
+      "out_gate": {"kernel": np.zeros((d, d), np.float32)},
+      "in_gate": {"kernel": np.zeros((d, d), np.float32), "bias": np.full((d,), 20.0, np.float32)},
+      "forget_gate": {"kernel": np.zeros((d, d), np.float32),
+                      "bias": np.full((d,), -20.0, np.float32)},
+  }
+  return Memory(cfg), {"params": params}
+
+
+def _fact(k, v, d):
+  x = np.zeros(d, np.float32)
+  x[k] = x[8 + v] = 1.0
+  return x
+
+
+def test_a_reassigned_key_is_overwritten_and_read_back():
+  cfg = tiny_config(**KEYED)
+  d, m, t = cfg.d_model, cfg.num_slots, cfg.segment_length
+  mem, variables = _lookup_memory(cfg)
+  # One segment: k1 -> v1, k2 -> v2, k1 -> v3 (a reassignment), then k3 -> v4 as padding.
+  h = np.zeros((1, t, d), np.float32)
+  for i, (k, v) in enumerate([(1, 1), (2, 2), (1, 3), (3, 4)]):
+    h[0, i] = _fact(k, v, d)
+  valid = np.zeros((1, t), bool)
+  valid[0, :3] = True
+  empty = np.zeros((1, m, d), np.float32)
+  _, bank = mem.apply(variables, h, empty, empty, valid)
+  bank = np.asarray(bank)[0]
+  full = np.flatnonzero(np.abs(bank).sum(-1) > 0)
+  assert len(full) == 2, "k1's reassignment took a slot of its own, or the padding was written"
+  k1_slot = full[np.argmax(bank[full, 1])]
+  np.testing.assert_allclose(bank[k1_slot], np.tanh(3 * _fact(1, 3, d)), atol=1e-6)
+  # The next segment asks for k1: the read returns v3 (the latest value), not v1.
+  query = np.zeros((1, t, d), np.float32)
+  query[0, 0, 1] = 1.0
+  read, _ = mem.apply(variables, query, bank[None], bank[None], np.ones((1, t), bool))
+  values = np.asarray(read)[0, 0, 8:16]
+  assert int(np.argmax(values)) == 3 and values[3] > 0.4 and abs(values[1]) < 1e-3
+
+
+def test_keyed_memory_is_causal_and_carries_across_segments():
+  cfg = tiny_config(**KEYED, memory_norm=True, segment_length=4)
+  norms = np.abs(_jacobian(cfg)).sum(-1)
+  s, t = norms.shape[0], cfg.segment_length
+  assert np.all(norms[np.triu(np.ones((s, s), bool), k=1)] == 0.0)
+  assert norms[t, 0] > 0 and norms[2 * t + 1, 1] > 0
+
+
+@pytest.mark.parametrize("flow", ["chained", "per_block"])
+def test_keyed_call_equals_scan_equals_loop(flow):
+  cfg = tiny_config(**KEYED, memory_flow=flow)
+  model, variables, tokens = init_model(cfg, segments=4)
+  (fl, fm), *others = _three_ways(model, variables, tokens, cfg.segment_length)
+  assert float(jnp.abs(fm).max()) > 0, "nothing was written"
+  for logits, mem in others:
+    assert max_abs_diff(fl, logits) <= 1e-5 and max_abs_diff(fm, mem) <= 1e-5
+
+
+def test_keyed_decode_equals_full_forward():
+  cfg = tiny_config(**KEYED, memory_flow="per_block", scan_layers=True)
+  model, variables, tokens = init_model(cfg, segments=3)
+  full, memory = model.apply(variables, tokens)
+  logits, state = _stream(Decoder(cfg, variables), tokens, (*range(1, 9), 13, 16))
+  assert max_abs_diff(logits, full) <= 1e-5 and max_abs_diff(state.memory, memory) <= 1e-5
+
+
+def test_keyed_write_passes_gradients_to_its_gates():
+  cfg = tiny_config(**KEYED, memory_flow="per_block")
+  model, variables, tokens = init_model(cfg, batch=2, segments=3)
+  targets = jnp.roll(tokens, -1, axis=1)
+  mask = jnp.zeros(tokens.shape).at[:, -cfg.segment_length:].set(1.0)  # loss on the last segment only
+
+  def loss(p):
+    stats, _ = model.apply({"params": p}, tokens, targets, mask, method="loss")
+    return stats.nll_sum.sum()
+
+  grads = nn.unbox(jax.grad(loss)(variables["params"]))["block_0"]["memory"]
+  for name in ("update", "in_gate", "forget_gate", "key", "query", "value"):
+    assert float(jnp.abs(grads[name]["kernel"]).max()) > 0, name
+
+
+def test_keyed_needs_a_zero_bank():
+  with pytest.raises(ValueError, match="memory_init: zeros"):
+    tiny_config(memory_write="keyed")
+  with pytest.raises(ValueError, match="memory_match_threshold"):
+    tiny_config(**KEYED, memory_match_threshold=0.0)
