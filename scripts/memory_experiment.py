@@ -34,10 +34,10 @@ import optax
 import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from lm2_jax.data import qa  # noqa: E402  pylint: disable=g-import-not-at-top
 from lm2_jax.data.qa import QASource  # noqa: E402  pylint: disable=g-import-not-at-top
 from lm2_jax.data.tokenizers import make_tokenizer  # noqa: E402  pylint: disable=g-import-not-at-top
 from lm2_jax.model import LM2, ModelConfig  # noqa: E402  pylint: disable=g-import-not-at-top
-from scripts.reference_transformer import latest_actor  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MODEL_KEYS = ("inputs", "targets", "loss_mask", "resets", "valid")
 EVAL_ROWS = 512
@@ -75,7 +75,9 @@ def main(argv):
                  rows("test", EVAL_ROWS, cfg, tokenizer, run["ns"], C))
   keys = MODEL_KEYS + ("actor",) if run["oracle"] else MODEL_KEYS
   if run["oracle"]:
-    train["actor"], test["actor"] = latest_actor(train["inputs"]), latest_actor(test["inputs"])
+    actors = qa.actor_ids("qa1", tokenizer)
+    train["actor"], test["actor"] = (qa.latest_actor(train["inputs"], actors, fill=tokenizer.pad_id),
+                                     qa.latest_actor(test["inputs"], actors, fill=tokenizer.pad_id))
   # Curriculum: the first `warm` steps draw from shorter stories (`warm_ns` sentences).
   easy = rows("train", run["ntrain"], cfg, tokenizer, run["warm_ns"], C) if run["warm"] else train
   model = LM2(cfg)

@@ -31,6 +31,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lm2_jax.data import babi  # noqa: E402  pylint: disable=g-import-not-at-top
+from lm2_jax.data import qa  # noqa: E402  pylint: disable=g-import-not-at-top
 from lm2_jax.data.qa import QASource  # noqa: E402  pylint: disable=g-import-not-at-top
 from lm2_jax.data.tokenizers import make_tokenizer  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -73,10 +74,7 @@ def dense_rows(n, prob, rng):
 def latest_actor(tokens):
   """[N, S] -> [N, S]: the id of the latest actor name at or before each position (PAD before any)."""
   tok = make_tokenizer("words")
-  actor_ids = np.asarray([tok.encode(a)[0] for a in babi.entities("qa1")[0]])
-  is_actor = np.isin(tokens, actor_ids)
-  index = np.maximum.accumulate(np.where(is_actor, np.arange(tokens.shape[1]), -1), axis=1)
-  return np.where(index >= 0, np.take_along_axis(tokens, np.maximum(index, 0), 1), tok.pad_id)
+  return qa.latest_actor(tokens, qa.actor_ids("qa1", tok), fill=tok.pad_id)
 
 
 def init(key, layers):

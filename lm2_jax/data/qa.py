@@ -18,6 +18,10 @@ bAbI stories. The last segment keeps the story's own question at its fixed offse
 So nothing before the answer depends on the answer except the facts: the position of the question, and the
 text before it, are the same whatever the answer is. (A layout that padded before the question leaked the
 answer's length, and a memory-less model learnt it.) Targets are next-token targets over the whole row.
+
+With `bind=True` (qa1 only) a row also carries `bound`: at each position the token id of the latest actor
+name at or before it (-1 before the first), the id whose input embedding the model adds to the position's
+own. It hands the model "who this is about" and never an answer (qa1 answers are locations).
 """
 
 from __future__ import annotations
@@ -28,6 +32,30 @@ from lm2_jax.data import babi, filler as filler_lib, tokenizers
 
 LOSS_ON = ("answer", "all")
 QUESTIONS = ("final", "every")
+
+
+def actor_ids(task: str, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
+  """int32 ids of `task`'s actor names; `bind` is defined for qa1 only, where each name is one token.
+
+  Raises:
+    ValueError: another task, or a tokenizer that splits a name into several tokens.
+  """
+  if task != "qa1":
+    raise ValueError(f"bind (the latest-actor channel) supports qa1 only, got {task}")
+  ids = [tokenizer.encode(name) for name in babi.entities(task)[0]]
+  if any(len(i) != 1 for i in ids):
+    raise ValueError(f"bind needs a tokenizer that encodes every actor name as one token (e.g. `words`); "
+                     f"got {dict(zip(babi.entities(task)[0], ids))}")
+  return np.asarray([i[0] for i in ids], np.int32)
+
+
+def latest_actor(tokens: np.ndarray, actors: np.ndarray, fill: int = -1) -> np.ndarray:
+  """[..., S] tokens -> [..., S] int32: the latest id of `actors` at or before each position, else `fill`."""
+  tokens = np.asarray(tokens)
+  positions = np.where(np.isin(tokens, actors), np.arange(tokens.shape[-1]), -1)
+  index = np.maximum.accumulate(positions, axis=-1)
+  found = np.take_along_axis(tokens, np.maximum(index, 0), axis=-1)
+  return np.where(index >= 0, found, fill).astype(np.int32)
 
 
 class QALayoutError(ValueError):
@@ -123,7 +151,8 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
                   segment_length: int, rng: np.random.Generator, *, loss_on: str = "answer",
                   filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
                   add_bos: bool = False, offset: int | None = None,
-                  question_seed: int | None = None, questions: str = "final") -> dict[str, np.ndarray]:
+                  question_seed: int | None = None, questions: str = "final",
+                  bind: bool = False) -> dict[str, np.ndarray]:
   """One training row of `sample`.
 
   Args:
@@ -145,15 +174,17 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
       derives it from the row index alone, so that text is provably the same whatever the story.
     questions: "final" (one question, in the last segment) or "every" (qa1 only: also a question after the
       facts of each context segment with room for it; every answer is in the loss).
+    bind: also return `bound` (qa1 only; the tokenizer must encode each actor name as one token).
 
   Returns:
     inputs int32[C*T], targets int32[C*T] (inputs shifted left, PAD last), loss_mask float32[C*T],
     valid bool[C*T] (real input tokens), resets bool[C] (True at segment 0), and int32 scalars
     answer_id (index in `babi.answer_vocab`, or -1), fact_segment (segment of the last supporting fact)
-    and question_segment (C-1).
+    and question_segment (C-1); with `bind`, bound int32[C*T] (the latest actor's id, -1 before any).
 
   Raises:
     QALayoutError: the sample does not fit the layout.
+    ValueError: bad arguments (`bind` on a task other than qa1 included).
   """
   C, T = num_segments, segment_length
   if C < 2 or T < 1:
@@ -170,6 +201,7 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
   if not 0 <= low <= high <= C - 2:
     raise ValueError(f"fact_segments must satisfy 0 <= first <= last <= num_segments - 2 = {C - 2}, "
                      f"got {fact_segments}")
+  actors = actor_ids(sample.task, tokenizer) if bind else None
   filler = filler or filler_lib.TemplateFiller()
   offset = question_offset(sample.task, tokenizer, T) if offset is None else offset
   pad = tokenizer.pad_id
@@ -222,7 +254,7 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
     for start, n in answer_spans:
       loss_mask[start:start + n] = True
   vocab = babi.answer_vocab(sample.task)
-  return {
+  row = {
       "inputs": inputs,
       "targets": targets,
       "loss_mask": loss_mask.astype(np.float32),
@@ -235,6 +267,9 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
       # is right exactly on these rows, so accuracy on the others checks for that shortcut.
       "last_fact_supports": np.int32(max(sample.supporting) == len(sample.sentences) - 1),
   }
+  if bind:
+    row["bound"] = latest_actor(inputs, actors)
+  return row
 
 
 class QASource:
@@ -242,14 +277,18 @@ class QASource:
 
   Row i is a pure function of the constructor arguments and i. A story that does not fit the layout is
   replaced by the next draw for the same row (story index i + attempt * num_samples of the split's
-  stream, so rows never share a story); `rejections(i)` says how many draws row i skipped.
+  stream, so rows never share a story); `rejections(i)` says how many draws row i skipped. `bind` (qa1
+  only) adds the `bound` channel to every row.
   """
 
   def __init__(self, task: str, split: str, seed: int, tokenizer: tokenizers.Tokenizer, num_segments: int,
                segment_length: int, num_samples: int, *, loss_on: str = "answer",
                filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
-               num_sentences=None, add_bos: bool = False, questions: str = "final", max_attempts: int = 64):
+               num_sentences=None, add_bos: bool = False, questions: str = "final", bind: bool = False,
+               max_attempts: int = 64):
     babi.check_task(task)
+    if bind:
+      actor_ids(task, tokenizer)
     babi.split_seed(split, seed)
     if num_samples < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -259,7 +298,7 @@ class QASource:
     self.offset = question_offset(task, tokenizer, segment_length)
     self._row_kw = dict(loss_on=loss_on, filler_density=filler_density,
                         filler=filler or filler_lib.TemplateFiller(), fact_segments=fact_segments,
-                        add_bos=add_bos, offset=self.offset, questions=questions)
+                        add_bos=add_bos, offset=self.offset, questions=questions, bind=bind)
 
   def __len__(self) -> int:
     return self.num_samples

@@ -69,7 +69,8 @@ class DataConfig:
   """Where batches come from (the segment length T comes from the model config).
 
   Attributes:
-    kind: `qa` (generated bAbI rows, `lm2_jax.data.qa.QASource`) or `text` (a packed local corpus).
+    kind: `qa` (generated bAbI rows, `lm2_jax.data.qa.QASource`), `text` (a packed local corpus) or
+      `recall` (synthetic key-value recall rows, `lm2_jax.data.recall.RecallSource`; no tokenizer).
     num_segments: C, segments per row.
     task: the bAbI task (`qa1`..`qa10`) of a QA run.
     train_size, eval_size: rows of the training and held-out splits (QA: the `train` and
@@ -88,9 +89,20 @@ class DataConfig:
     train_files, eval_files: comma-separated files / directories / globs of a `text` run.
     shuffle: reshuffle the training rows every epoch.
     worker_count: Grain worker processes (0 = in-process); batches do not depend on it.
+    bind: rows also carry `bound`, the id whose embedding the model adds to each position's (the oracle
+      channel): the latest actor name in qa1 rows, the fact's key in recall rows. qa1 and recall only.
+    recall_pairs: key-value pairs per context segment (recall).
+    recall_keys, recall_values: key and value vocabulary sizes (recall); the model's vocab_size must hold
+      `lm2_jax.data.recall.recall_vocab_size` of them (PAD, QUERY, keys, values, 16 filler ids).
+    recall_overwrite: probability that a fact reassigns a key met earlier in the row (recall).
+    recall_filler: random filler tokens per context segment, between pairs (recall).
+    recall_queries: queries in the last segment; training rows score all of them, held-out rows the
+      first only (recall).
+    recall_fact_segments: segments holding facts, the rest up to the last being filler (recall);
+      0 = num_segments - 1.
   """
 
-  kind: Literal["qa", "text"] = "qa"
+  kind: Literal["qa", "text", "recall"] = "qa"
   num_segments: int = 4
   task: str = "qa1"
   train_size: int = 20000
@@ -107,6 +119,14 @@ class DataConfig:
   eval_files: str = ""
   shuffle: bool = True
   worker_count: int = 0
+  bind: bool = False
+  recall_pairs: int = 2
+  recall_keys: int = 16
+  recall_values: int = 16
+  recall_overwrite: float = 0.0
+  recall_filler: int = 0
+  recall_queries: int = 4
+  recall_fact_segments: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +373,9 @@ def from_dict(data: dict) -> RunConfig:
       raise ConfigError(f"mesh.{axis}={size}: use a positive size or -1 (the rest of the devices)")
   if cfg.mesh.num_devices < 0:
     raise ConfigError(f"mesh.num_devices={cfg.mesh.num_devices}: use 0 (all devices) or a count")
+  if cfg.data.bind and not (cfg.data.kind == "recall" or (cfg.data.kind == "qa" and cfg.data.task == "qa1")):
+    raise ConfigError(f"data.bind=true needs data.kind=recall or a qa1 run (data.kind=qa, data.task=qa1); "
+                      f"got data.kind={cfg.data.kind}, data.task={cfg.data.task}")
   if not cfg.name or "/" in cfg.name:
     raise ConfigError(f"name={cfg.name!r}: give a non-empty run name without '/'")
   return cfg

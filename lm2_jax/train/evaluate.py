@@ -2,7 +2,8 @@
 
 A QA row is answered correctly when every answer token (the loss mask of a held-out QA row, which is
 always the answer) is predicted right. Its distance is `question_segment - fact_segment`: how many
-segments back the memory had to carry the supporting fact.
+segments back the memory had to carry the supporting fact. Recall rows also say whether the asked key was
+`overwritten` (assigned more than once in the row), and accuracy is split by that too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-QA_KEYS = ("fact_segment", "question_segment", "last_fact_supports")
+QA_KEYS = ("fact_segment", "question_segment", "last_fact_supports", "overwritten")
 
 
 def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
@@ -24,12 +25,15 @@ def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
   Returns:
     {"loss", "accuracy", "num_samples"} and, when the batches carry QA fields, "answer_accuracy",
     "accuracy_by_distance" ({"<segments back>": accuracy}) and "accuracy_last_fact_elsewhere" (rows
-    whose story ends with a sentence that is not the supporting fact: the recency-shortcut check).
+    whose story ends with a sentence that is not the supporting fact: the recency-shortcut check); with
+    `overwritten` in the batches, "accuracy_overwritten" and "accuracy_not_overwritten" (each only when
+    that group has rows).
   """
   nll = weight = correct = 0.0
   rows = 0
   right_by_distance: dict[int, list[int]] = defaultdict(lambda: [0, 0])
   elsewhere = [0, 0]
+  by_overwrite = {True: [0, 0], False: [0, 0]}  # overwritten? -> [right, rows]
   qa = False
   for batch in batches:
     stats = jax.device_get(eval_fn(batch))
@@ -48,6 +52,10 @@ def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
         off = np.asarray(batch["last_fact_supports"]) == 0
         elsewhere[0] += int(np.sum(answered & off))
         elsewhere[1] += int(np.sum(off))
+      if "overwritten" in batch:
+        for flag, ok in zip((np.asarray(batch["overwritten"]) != 0).tolist(), answered.tolist()):
+          by_overwrite[flag][0] += int(ok)
+          by_overwrite[flag][1] += 1
   out = {"loss": nll / max(weight, 1.0), "accuracy": correct / max(weight, 1.0), "num_samples": rows}
   if qa:
     total_right = sum(r for r, _ in right_by_distance.values())
@@ -55,11 +63,20 @@ def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
     out["accuracy_by_distance"] = {str(d): r / n for d, (r, n) in sorted(right_by_distance.items())}
     if elsewhere[1]:
       out["accuracy_last_fact_elsewhere"] = elsewhere[0] / elsewhere[1]
+    for flag, name in ((True, "accuracy_overwritten"), (False, "accuracy_not_overwritten")):
+      if by_overwrite[flag][1]:
+        out[name] = by_overwrite[flag][0] / by_overwrite[flag][1]
   return out
 
 
-def final_report(result: dict, use_memory: bool) -> dict:
-  """The final_eval.json payload; `accuracy` is answer accuracy for QA runs, token accuracy otherwise."""
+def final_report(result: dict, use_memory: bool, chance: float | None = None) -> dict:
+  """The final_eval.json payload; `accuracy` is answer accuracy for QA runs, token accuracy otherwise.
+
+  Args:
+    result: `evaluate`'s output.
+    use_memory: recorded beside the figures.
+    chance: answer accuracy of a uniform guess (`inputs.chance_level`), recorded when given.
+  """
   report = {
       "accuracy": result.get("answer_accuracy", result["accuracy"]),
       "token_accuracy": result["accuracy"],
@@ -69,6 +86,11 @@ def final_report(result: dict, use_memory: bool) -> dict:
       "num_samples": result["num_samples"],
       "use_memory": use_memory,
   }
+  for key in ("accuracy_overwritten", "accuracy_not_overwritten"):
+    if key in result:
+      report[key] = result[key]
+  if chance is not None:
+    report["chance"] = chance
   return report
 
 
@@ -84,7 +106,11 @@ def read_report(run_dir: str | pathlib.Path) -> dict | None:
 
 
 def comparison_table(reports: dict[str, dict]) -> str:
-  """A text table of answer accuracy (overall and by distance), one column per named report."""
+  """A text table of answer accuracy (overall, by distance, by group; chance), one column per named report.
+
+  The `last fact elsewhere`, `overwritten`, `not overwritten` and `chance` rows appear when some report has
+  that figure.
+  """
   names = list(reports)
   distances = sorted({d for r in reports.values() for d in r.get("accuracy_by_distance", {})}, key=int)
   width = max([12] + [len(n) for n in names]) + 2
@@ -96,8 +122,11 @@ def comparison_table(reports: dict[str, dict]) -> str:
   for d in distances:
     lines.append(row(f"  {d} segment(s) back", [reports[n].get("accuracy_by_distance", {}).get(d)
                                                 for n in names]))
-  lines.append(row("last fact elsewhere", [reports[n].get("accuracy_last_fact_elsewhere")
-                                           for n in names]))
+  for label, key in (("last fact elsewhere", "accuracy_last_fact_elsewhere"),
+                     ("overwritten", "accuracy_overwritten"), ("not overwritten", "accuracy_not_overwritten"),
+                     ("chance", "chance")):
+    if any(r.get(key) is not None for r in reports.values()):  # rows only for the fields some run has
+      lines.append(row(label, [reports[n].get(key) for n in names]))
   lines.append("".ljust(22) + "".join(str(reports[n]["num_samples"]).rjust(width) for n in names)
                + "  samples")
   return "\n".join(lines)

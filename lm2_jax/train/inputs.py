@@ -35,6 +35,8 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
     vocab_size: the model's V; the tokenizer's must not exceed it.
     cache_dir: where a text corpus caches its token stream.
   """
+  if cfg.kind == "recall":
+    return _recall_sources(cfg, segment_length, vocab_size)
   tokenizer = _tokenizer(cfg)
   if tokenizer.vocab_size > vocab_size:
     raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the {cfg.tokenizer} tokenizer's "
@@ -44,7 +46,7 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
 
     common = dict(task=cfg.task, seed=cfg.seed, tokenizer=tokenizer, num_segments=cfg.num_segments,
                   segment_length=segment_length, filler_density=cfg.filler_density,
-                  num_sentences=_story_length(cfg))
+                  num_sentences=_story_length(cfg), bind=cfg.bind)
     try:
       train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on,
                           questions=cfg.questions, **common)
@@ -65,6 +67,37 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(f"data.{key}: {e}") from e
   return corpus(cfg.train_files, "train_files"), corpus(cfg.eval_files, "eval_files")
+
+
+def _recall_sources(cfg: DataConfig, segment_length: int, vocab_size: int):
+  """(train, held-out) RecallSource of a `recall` run; the held-out split is `validation`."""
+  from lm2_jax.data import recall  # pylint: disable=g-import-not-at-top
+
+  needed = recall.recall_vocab_size(cfg.recall_keys, cfg.recall_values)
+  if needed > vocab_size:
+    raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the {needed} ids of a recall run with "
+                      f"data.recall_keys={cfg.recall_keys} and data.recall_values={cfg.recall_values}; "
+                      f"raise model.vocab_size or lower those")
+  common = dict(seed=cfg.seed, num_segments=cfg.num_segments, segment_length=segment_length,
+                pairs_per_segment=cfg.recall_pairs, num_keys=cfg.recall_keys, num_values=cfg.recall_values,
+                filler=cfg.recall_filler, overwrite_rate=cfg.recall_overwrite, queries=cfg.recall_queries,
+                fact_segments=cfg.recall_fact_segments, bind=cfg.bind)
+  try:
+    return (recall.RecallSource("train", num_samples=cfg.train_size, **common),
+            recall.RecallSource("validation", num_samples=cfg.eval_size, **common))
+  except ValueError as e:
+    raise ConfigError(f"data section (recall): {e}") from e
+
+
+def chance_level(cfg: DataConfig) -> float | None:
+  """Answer accuracy of a uniform guess: 1/recall_values (recall), 1/answers of the task (qa), None (text)."""
+  if cfg.kind == "recall":
+    return 1.0 / cfg.recall_values
+  if cfg.kind == "qa":
+    from lm2_jax.data import babi  # pylint: disable=g-import-not-at-top
+
+    return 1.0 / len(babi.answer_vocab(cfg.task))
+  return None
 
 
 def _story_length(cfg: DataConfig):
