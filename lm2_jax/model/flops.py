@@ -23,11 +23,19 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   # Per token: query, update and output-gate projections; read scores and values; write scores (shared
   # with the read) and the write aggregation. Per segment (divided by T): the bank's key and value
   # projections and the two gates over the M slots.
-  memory_per_token = 2 * 3 * d * d + 2 * 2 * m * d + 2 * m * d
-  memory_per_segment = 2 * 4 * m * d * d
+  gates_off = (not cfg.input_gate) + (not cfg.forget_gate)
+  if cfg.memory_write == "keyed":
+    # Per token: the gates run on the token's update, and its content's key, the rewritten slot's key
+    # and the key match over M slots replace the shared write scores. Per segment: the bank's key and
+    # value projections for the read and its keys for the write.
+    memory_per_token = 2 * 3 * d * d + 2 * 2 * m * d + 2 * (2 - gates_off) * d * d + 2 * 2 * d * d \
+        + 2 * m * d
+    memory_per_segment = 2 * 3 * m * d * d
+  else:
+    memory_per_token = 2 * 3 * d * d + 2 * 2 * m * d + 2 * m * d
+    memory_per_segment = 2 * (4 - gates_off) * m * d * d
   if not cfg.output_gate:
     memory_per_token -= 2 * d * d
-  memory_per_segment -= 2 * m * d * d * ((not cfg.input_gate) + (not cfg.forget_gate))
   memory = memory_per_token + memory_per_segment / t
   head = 2 * d * v
   return cfg.num_layers * per_layer + cfg.num_memory_layers * memory + head

@@ -22,7 +22,10 @@ That is `memory_write: tokens`; `slots` routes each token over the slots with th
 
 So a token whose key matches a stored key rewrites that slot (a reassigned key replaces its old value, as
 the keys a reader matches are these same keys), and a new key takes the emptiest slot (a zero bank's
-slots first, `memory_init: zeros`). The read is unchanged: attention over the stored slots' keys.
+slots first, `memory_init: zeros`). The read is unchanged: attention over the stored slots' keys. The
+choice is hard in the forward pass; its gradient is that of a softmax over [k_t.K_1 .. k_t.K_M, threshold]
+(x MATCH_SHARPNESS, the last option meaning the emptiest slot): a straight-through estimator, so the keys
+learn from which slot a token should have rewritten, not only from what the read found.
 
 The block reads the bank as it stood at the start of the segment, so no token sees memory written from its
 own segment: causality holds by construction. The bank is float32 whatever the compute dtype.
@@ -39,6 +42,8 @@ from lm2_jax.model.layers import NEG_INF, TOKEN_AXES, Einsum, constrain, normal_
 from lm2_jax.typing import Array
 
 MEMORY_AXES = ("activation_batch", "activation_slots", "activation_embed")
+# Inverse temperature of the keyed write's straight-through routing softmax over cosines in [-1, 1].
+MATCH_SHARPNESS = 10.0
 
 
 def initial_bank(cfg: ModelConfig, learned: Array | None = None) -> Array:
@@ -220,14 +225,20 @@ class Memory(nn.Module):
       bank, keys = carry                                 # [B, M, D], [B, M, E] unit keys
       c_t, k_t, f_t, valid_t = xs                        # [B, D], [B, E], [B, D], [B]
       match = jnp.einsum("BE,BME->BM", k_t, keys)
-      fresh = jnp.argmin(jnp.sum(bank * bank, axis=-1), axis=-1)
-      slot = jnp.where(jnp.max(match, axis=-1) > cfg.memory_match_threshold,
-                       jnp.argmax(match, axis=-1), fresh)
-      pick = jax.nn.one_hot(slot, cfg.num_slots, dtype=jnp.float32)          # [B, M]
-      row = f_t * jnp.einsum("BM,BMD->BD", pick, bank) + c_t
-      route = pick * valid_t[:, None]
-      bank = bank + route[..., None] * (row[:, None, :] - bank)
-      keys = keys + route[..., None] * (unit_key(row)[:, None, :] - keys)
+      fresh = jax.nn.one_hot(jnp.argmin(jnp.sum(bank * bank, axis=-1), axis=-1), cfg.num_slots)
+      # Options: each slot (score: the match) or the emptiest slot (score: the threshold).
+      logits = MATCH_SHARPNESS * jnp.concatenate(
+          [match, jnp.full(match.shape[:1] + (1,), cfg.memory_match_threshold)], axis=-1)
+      soft = jax.nn.softmax(logits, axis=-1)
+      soft = soft[:, :-1] + soft[:, -1:] * fresh          # [B, M]
+      pick = jax.nn.one_hot(jnp.argmax(logits, axis=-1), cfg.num_slots + 1)
+      pick = pick[:, :-1] + pick[:, -1:] * fresh         # the hard choice, one-hot [B, M]
+      # Straight-through: the forward writes the hard choice; the backward sees the softmax, so the keys
+      # learn which slot a token should have rewritten.
+      route = (pick + soft - jax.lax.stop_gradient(soft)) * valid_t[:, None]
+      bank = bank + route[..., None] * (f_t[:, None, :] * bank + c_t[:, None, :] - bank)
+      row = jnp.einsum("BM,BMD->BD", pick, bank)         # the rewritten slot
+      keys = keys + (pick * valid_t[:, None])[..., None] * (unit_key(row)[:, None, :] - keys)
       return (bank, keys), route
 
     prev = prev_bank.astype(jnp.float32)

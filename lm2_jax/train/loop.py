@@ -153,7 +153,8 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
   echo(f"{model_cfg.__class__.__name__}: {state_lib.param_count(state.params):,} parameters; mesh "
        f"{dict(mesh.shape)}; {cfg.train.batch_size} x {seq_len} tokens per step")
 
-  batch_spec = step_lib.abstract_batch(cfg.train.batch_size, seq_len, cfg.data.num_segments, mesh)
+  batch_spec = step_lib.abstract_batch(cfg.train.batch_size, seq_len, cfg.data.num_segments, mesh,
+                                       bound=cfg.data.bind)
   t0 = time.perf_counter()
   train_step = step_lib.compile_train_step(
       step_lib.make_train_step(model, tx, schedule, cfg.train.micro_batches, mesh),
@@ -258,7 +259,7 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
   if status == "completed":
     save(step_done)
     result = run_eval(state.params, 0)
-    final = eval_lib.final_report(result, model_cfg.use_memory)
+    final = eval_lib.final_report(result, model_cfg.use_memory, chance=inputs_lib.chance_level(cfg.data))
     writer.write(step_done, _scalars(result), split="final_eval")
     if is_main:
       eval_lib.write_json(run_dir / "final_eval.json", final)
@@ -289,7 +290,7 @@ class _Diverged(Exception):
 
 
 def _device_batch(batch: dict, mesh) -> dict:
-  return mesh_lib.global_batch({k: batch[k] for k in step_lib.MODEL_KEYS}, mesh)
+  return mesh_lib.global_batch(step_lib.model_inputs(batch), mesh)
 
 
 def _any_process(flag: bool) -> bool:
