@@ -36,7 +36,7 @@ def reference_keyed_write(h, bank, valid, p, cfg):
     if cfg.memory_norm:
       x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
     k = x @ wk
-    return k / np.sqrt(np.sum(k * k, axis=-1, keepdims=True) + 1e-12)
+    return k / np.sqrt(np.sum(k * k, axis=-1, keepdims=True) + 1e-4)
 
   bank = np.array(bank, np.float64)
   slots = np.full(valid.shape, -1)
@@ -182,3 +182,24 @@ def test_keyed_needs_a_zero_bank():
     tiny_config(memory_write="keyed")
   with pytest.raises(ValueError, match="memory_match_threshold"):
     tiny_config(**KEYED, memory_match_threshold=0.0)
+
+
+def test_empty_slots_do_not_amplify_gradients():
+  # An all-zero row through memory_norm had the gradient 1/sqrt(eps) ~ 300, and the keyed write's
+  # routing gradient reaches every empty slot (the small model's gradient norm was ~3,000x too large).
+  rng = np.random.default_rng(0)
+  grads = {}
+  for norm in (False, True):
+    cfg = tiny_config(**KEYED, memory_norm=norm)
+    h = jnp.asarray(rng.normal(size=(1, cfg.segment_length, cfg.d_model)), jnp.float32)
+    bank = np.zeros((1, cfg.num_slots, cfg.d_model), np.float32)
+    bank[:, :3] = rng.normal(size=(1, 3, cfg.d_model))
+    valid = jnp.ones(h.shape[:2], bool)
+    mem, variables = _memory(cfg, h, jnp.asarray(bank), valid)
+
+    def read_sum(b):
+      read, _ = mem.apply(variables, h, b, b, valid)
+      return jnp.sum(read)
+
+    grads[norm] = np.abs(np.asarray(jax.grad(read_sum)(jnp.asarray(bank))))[0, 3:].max()
+  assert 0 < grads[True] < 10 * grads[False]

@@ -204,7 +204,9 @@ class LM2(nn.Module):
     c = s // t
     if valid is None:
       valid = jnp.ones((b, s), bool)
-    if resets is None:
+    if resets is None or not cfg.use_memory:
+      # Without memory a reset changes nothing; a full-attention model gets the data's per-segment
+      # flags [B, C_data] while it runs the whole input as one segment.
       resets = jnp.zeros((b, c), bool)
     if resets.shape != (b, c):
       raise ValueError(f"resets must be bool [B, C] = {(b, c)}, got shape {resets.shape}")

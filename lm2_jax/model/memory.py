@@ -44,6 +44,9 @@ from lm2_jax.typing import Array
 MEMORY_AXES = ("activation_batch", "activation_slots", "activation_embed")
 # Inverse temperature of the keyed write's straight-through routing softmax over cosines in [-1, 1].
 MATCH_SHARPNESS = 10.0
+# Added to |k|^2 before the keyed write normalises a key: an empty slot's key is 0, and 1/|k| there would
+# multiply the routing gradient by 1e6 (keys of written slots have |k|^2 ~ 0.1-10).
+KEY_EPS = 1e-4
 
 
 def initial_bank(cfg: ModelConfig, learned: Array | None = None) -> Array:
@@ -127,7 +130,10 @@ class Memory(nn.Module):
     described at `layers.TOKEN_AXES`; the same goes for the `constrain` calls at the other projections).
     """
     if self.cfg.memory_norm:
-      bank = bank * jax.lax.rsqrt(jnp.mean(bank * bank, axis=-1, keepdims=True) + self.cfg.norm_eps)
+      ms = jnp.mean(bank * bank, axis=-1, keepdims=True)
+      # An empty (all-zero) row stays zero with a unit gradient, not 1/sqrt(eps): the keyed write's
+      # routing gradient reaches empty slots, and through this norm it multiplied them by ~300.
+      bank = jnp.where(ms > 0, bank * jax.lax.rsqrt(ms + self.cfg.norm_eps), bank)
     return constrain(bank.astype(self.cfg.compute_dtype), MEMORY_AXES)
 
   def scores(self, h: Array, bank: Array) -> Array:
@@ -214,12 +220,11 @@ class Memory(nn.Module):
     kernel = nn.unbox(self.key.variables["params"]["kernel"]).astype(dt)  # [D, Nm, H]
 
     def unit_key(x):
-      """unit(key(x)) for rows x [..., D] (float32): the slot key a read would match, heads flattened."""
-      if cfg.memory_norm:
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+      """unit(key(x)) for rows x [..., D] (float32): the direction of the slot key a read would match
+      (`memory_norm` rescales a row, which leaves it unchanged), heads flattened."""
       k = jnp.einsum("...D,DNH->...NH", x.astype(dt), kernel, preferred_element_type=jnp.float32)
       k = k.reshape(*k.shape[:-2], -1)
-      return k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + 1e-12)
+      return k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + KEY_EPS)
 
     def step(carry, xs):
       bank, keys = carry                                 # [B, M, D], [B, M, E] unit keys
