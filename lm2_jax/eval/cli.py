@@ -4,6 +4,7 @@
     python eval.py perplexity --run runs/A --files data/*.txt
     python eval.py mc --run runs/A --file mmlu.jsonl
     python eval.py attention --run runs/A --task qa1 --length 1k --block 0
+    python eval.py recall --run runs/R --lengths 1,4,16       # a recall run streamed over k x its segments
 
 Results go to `<run dir>/eval/` of the first model, or to `--out`.
 """
@@ -14,7 +15,7 @@ import argparse
 import pathlib
 import sys
 
-COMMANDS = ("babilong", "perplexity", "mc", "attention")
+COMMANDS = ("babilong", "perplexity", "mc", "attention", "recall")
 DEFAULT_LENGTHS = "0k,1k,2k,4k"
 
 
@@ -83,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
   att.add_argument("--index", type=int, default=0, help="which sample of (task, length)")
   att.add_argument("--seed", type=int, default=0)
   att.add_argument("--block", type=int, default=0)
+
+  rc = sub.add_parser("recall", help="a recall run's accuracy on rows of k x its trained segments")
+  rc.add_argument("--run", action="append", default=[], required=True,
+                  help="run directory of a data.kind: recall run (repeatable)")
+  rc.add_argument("--lengths", default="1,4,16", help="comma-separated segment multipliers")
+  rc.add_argument("--rows", type=int, default=512, help="held-out rows per length")
+  rc.add_argument("--batch-size", type=int, default=32)
+  rc.add_argument("--out", default=None, help="output directory (default: <first run>/eval)")
   return parser
 
 
@@ -207,6 +216,29 @@ def run_attention(args) -> int:
   return 0
 
 
+def run_recall(args) -> int:
+  from lm2_jax.eval import recall_eval  # pylint: disable=g-import-not-at-top
+  from lm2_jax.train import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+
+  try:
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+  except ValueError:
+    raise UsageError(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 1,4,16") from None
+  if not lengths or min(lengths) < 1 or args.rows < 1 or args.batch_size < 1:
+    raise UsageError("--lengths, --rows and --batch-size must be positive")
+  results = {pathlib.Path(run).name: recall_eval.evaluate_lengths(run, lengths, args.rows, args.batch_size)
+             for run in args.run}
+  table = recall_eval.length_table(results)
+  print(table)
+  out = pathlib.Path(args.out) if args.out else pathlib.Path(args.run[0]) / "eval"
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "recall_lengths.md").write_text(table + "\n")
+  eval_lib.write_json(out / "recall_lengths.json",
+                      {name: {str(k): v for k, v in by_k.items()} for name, by_k in results.items()})
+  print(f"wrote {out / 'recall_lengths.md'} and .json")
+  return 0
+
+
 def main(argv: list[str]) -> int:
   if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
     argv = ["babilong", *argv]
@@ -214,7 +246,7 @@ def main(argv: list[str]) -> int:
   from lm2_jax.eval.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
 
   runners = {"babilong": run_babilong, "perplexity": run_perplexity, "mc": run_mc,
-             "attention": run_attention}
+             "attention": run_attention, "recall": run_recall}
   try:
     return runners[args.command](args)
   except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:

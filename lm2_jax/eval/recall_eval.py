@@ -1,0 +1,94 @@
+"""Recall accuracy of a trained run streamed over k times the segments it trained on (issue 12's length
+check).
+
+The run's own recall rows (the data section of its saved config) are rebuilt with k * C segments: the
+facts stay in the first C-1 segments, filler segments (each with `data.recall_filler` filler tokens, the
+rest padding) lie between them and the queries, which stay in the last segment. Held-out (`validation`)
+rows score their first query. The model runs each row through its loss, a scan over segments whose only
+state is the memory, so device memory does not grow with k; a full-attention baseline attends over the
+whole row instead.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm2_jax.data.recall import RecallSource
+from lm2_jax.eval import checkpoints
+from lm2_jax.model import LM2
+from lm2_jax.train import config as config_lib
+from lm2_jax.train import evaluate as eval_lib
+from lm2_jax.train.step import model_inputs
+
+
+def load_recall_run(path: str | pathlib.Path):
+  """(model config, variables, data config) of a `data.kind: recall` run.
+
+  Raises:
+    checkpoints.CheckpointError: no checkpoint, or the run did not train on recall rows.
+  """
+  step_dir, run_dir = checkpoints.resolve(path)
+  run, where = checkpoints.run_config(step_dir, run_dir)
+  try:
+    data = config_lib.from_dict(run).data
+  except config_lib.ConfigError as e:
+    raise checkpoints.CheckpointError(f"{where}: {e}") from e
+  if data.kind != "recall":
+    raise checkpoints.CheckpointError(f"{where}: data.kind is {data.kind!r}; `eval.py recall` needs a "
+                                      "run trained on recall rows (data.kind: recall)")
+  cfg = checkpoints.model_config_from_run(run, where)
+  return cfg, {"params": checkpoints.restore_params(step_dir, cfg)}, data
+
+
+def rows_at_length(data: config_lib.DataConfig, segment_length: int, multiplier: int, rows: int):
+  """The held-out recall rows of `data` with `multiplier` times its segments (facts where they were)."""
+  return RecallSource(
+      "validation", data.seed, rows, data.num_segments * multiplier, segment_length,
+      pairs_per_segment=data.recall_pairs, num_keys=data.recall_keys, num_values=data.recall_values,
+      filler=data.recall_filler, overwrite_rate=data.recall_overwrite, queries=data.recall_queries,
+      fact_segments=data.recall_fact_segments or data.num_segments - 1, bind=data.bind)
+
+
+def evaluate_lengths(path: str | pathlib.Path, multipliers: Sequence[int], rows: int = 512,
+                     batch_size: int = 32) -> dict[int, dict]:
+  """{k: the `train.evaluate.evaluate` result on rows of k x the trained segments} for one run."""
+  cfg, variables, data = load_recall_run(path)
+  model = LM2(cfg)
+
+  @jax.jit
+  def eval_fn(batch):
+    stats, _ = model.apply(variables, batch["inputs"], batch["targets"], batch["loss_mask"],
+                           resets=batch["resets"], valid=batch["valid"], bound=batch.get("bound"),
+                           method=LM2.loss)
+    return {"nll_sum": stats.nll_sum, "weight_sum": stats.weight_sum, "correct_sum": stats.correct_sum}
+
+  out = {}
+  for k in multipliers:
+    source = rows_at_length(data, cfg.segment_length, k, rows)
+    batches = []
+    for start in range(0, rows, batch_size):
+      items = [source[i] for i in range(start, min(start + batch_size, rows))]
+      batches.append({key: np.stack([r[key] for r in items]) for key in items[0]})
+    result = eval_lib.evaluate(lambda b: eval_fn(jax.tree.map(jnp.asarray, model_inputs(b))), batches)
+    result["segments"] = data.num_segments * k
+    result["chance"] = 1.0 / data.recall_values
+    out[k] = result
+  return out
+
+
+def length_table(results: dict[str, dict[int, dict]]) -> str:
+  """Answer accuracy (overwritten / not) per run and length multiplier, as Markdown."""
+  lines = ["| run | length | segments | accuracy | overwritten | not overwritten | chance |",
+           "|---|---|---|---|---|---|---|"]
+  for name, by_k in results.items():
+    for k, r in by_k.items():
+      def f(key):
+        return f"{r[key]:.3f}" if r.get(key) is not None else ""
+      lines.append(f"| {name} | {k}x | {r['segments']} | {f('answer_accuracy')} | "
+                   f"{f('accuracy_overwritten')} | {f('accuracy_not_overwritten')} | {f('chance')} |")
+  return "\n".join(lines)
