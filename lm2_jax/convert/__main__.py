@@ -23,7 +23,7 @@ import sys
 import orbax.checkpoint as ocp
 import yaml
 
-from lm2_jax.convert.checkpoint import MODEL_CONFIG_FILE, read_params
+from lm2_jax.checkpoints import MODEL_CONFIG_FILE, read_params
 from lm2_jax.convert.llama import copy_tokenizer, load_hf_llama, save_hf_llama
 from lm2_jax.model import ModelConfig
 from lm2_jax.train.config import apply_overrides

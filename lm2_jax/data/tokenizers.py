@@ -1,35 +1,20 @@
 """Tokenizers behind one small interface.
 
-`Tokenizer` is what the rest of the project relies on: `encode`, `decode`, `vocab_size` and the special
-ids `bos_id`, `eos_id`, `pad_id`, `sep_id` (the answer separator of QA prompts). `ByteTokenizer` needs no
-files and is the default: ids 0..255 are raw UTF-8 bytes, then PAD, BOS, EOS, SEP.
+`Tokenizer` (defined in `tokenizer_base`, re-exported here) is what the rest of the project relies on:
+`encode`, `decode`, `vocab_size` and the special ids `bos_id`, `eos_id`, `pad_id`, `sep_id` (the answer
+separator of QA prompts). `ByteTokenizer` needs no files and is the default: ids 0..255 are raw UTF-8
+bytes, then PAD, BOS, EOS, SEP. `WordTokenizer` (`words`) has one id per word of a fixed vocabulary;
 `SentencePieceTokenizer` and `HFTokenizer` read local files; `make_tokenizer` builds one from a config and
 `check_vocab` checks it against the model's vocabulary size.
 """
 
 from __future__ import annotations
 
-import abc
 import inspect
 import os
 
-
-class Tokenizer(abc.ABC):
-  """Text <-> token ids, with the special ids the pipelines and the model need."""
-
-  vocab_size: int
-  bos_id: int
-  eos_id: int
-  pad_id: int
-  sep_id: int
-
-  @abc.abstractmethod
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without BOS/EOS."""
-
-  @abc.abstractmethod
-  def decode(self, ids) -> str:
-    """Text of `ids`; special ids are dropped."""
+from lm2_jax.data.tokenizer_base import Tokenizer
+from lm2_jax.data.words import WordTokenizer
 
 
 class ByteTokenizer(Tokenizer):
@@ -218,7 +203,6 @@ def make_tokenizer(kind: str = "byte", path: str | None = None, **options) -> To
       raise ValueError(f"tokenizer kind 'byte' takes no path or options (got path={path!r}, {options}).")
     return ByteTokenizer()
   if kind == "words":
-    from lm2_jax.data.words import WordTokenizer  # pylint: disable=g-import-not-at-top
     if options:
       raise ValueError(f"tokenizer kind 'words' takes no options (got {options}).")
     return WordTokenizer.babi() if path is None else WordTokenizer.from_file(path)

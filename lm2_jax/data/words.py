@@ -16,7 +16,7 @@ import itertools
 import os
 import re
 
-from lm2_jax.data.tokenizers import Tokenizer
+from lm2_jax.data.tokenizer_base import Tokenizer
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<unk>")
 _TOKEN = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm2_jax import checkpoints
 from lm2_jax.data.recall import RecallSource
-from lm2_jax.eval import checkpoints
 from lm2_jax.model import LM2
 from lm2_jax.train import config as config_lib
 from lm2_jax.train import evaluate as eval_lib

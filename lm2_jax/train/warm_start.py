@@ -2,7 +2,7 @@
 
 The typical use is a pretrained Llama imported with `python -m lm2_jax.convert import` and trained
 with fresh memory: the backbone comes from the checkpoint, the memory from the run's own init. Any
-checkpoint `lm2_jax.convert.checkpoint.read_params` reads works (a params checkpoint, or a train.py run,
+checkpoint `lm2_jax.checkpoints.read_params` reads works (a params checkpoint, or a train.py run,
 checkpoints or step directory), so a run can also continue from another run's weights with a new
 optimizer, schedule or data. Only parameters are taken: step, optimizer moments and RNG stay fresh.
 
@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from lm2_jax.checkpoints import read_params
 from lm2_jax.convert import layout
-from lm2_jax.convert.checkpoint import read_params
 from lm2_jax.convert.llama import hf_key_map
 from lm2_jax.model import ModelConfig
 from lm2_jax.typing import PyTree
@@ -65,7 +65,7 @@ def load_initial_params(path: str | pathlib.Path, model_cfg: ModelConfig, init_p
 
   Raises:
     WarmStartError: an architecture field or a parameter shape differs between checkpoint and run.
-    lm2_jax.eval.checkpoints.CheckpointError: the path is not a readable checkpoint.
+    lm2_jax.checkpoints.CheckpointError: the path is not a readable checkpoint.
   """
   source = read_params(path, host=True)
   ckpt_cfg = source.cfg
