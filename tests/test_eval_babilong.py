@@ -1,4 +1,5 @@
-"""BABILong evaluation end to end through eval.py's command line, and its bad-input errors."""
+"""BABILong evaluation end to end through eval.py's command line, answers counted with an oracle model,
+the full-attention baseline's context cap, and bad-input errors."""
 
 import json
 import pathlib
@@ -6,6 +7,7 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -34,6 +36,57 @@ def make_run(run_dir: pathlib.Path, **model) -> ModelConfig:
   saver.save(7, state, None, run.to_dict())
   saver.close()
   return cfg
+
+
+class Oracle:
+  """Stands in for the model's `Decoder` (patched into `babilong_eval`): a model that answers right.
+
+  It keeps the real (valid) tokens each row was fed; `generate` answers with the answer of the row whose
+  whole prompt (context, question, SEP) it saw, and with a wrong answer when it saw no such prompt (a
+  context cut to the model's limit). It checks that a full-attention decoder's cache (`max_length`)
+  holds everything fed to it, and records the `max_length` of every decoder built.
+  """
+
+  WRONG = "nowhere"
+
+  def __init__(self, rows, tok):
+    self.tok = tok
+    self.answers = {self.prompt(r): r["answer"] for r in rows}
+    assert len(self.answers) == len(rows)          # every prompt names its row
+    self.max_lengths = []
+
+  def prompt(self, row) -> tuple:
+    tok = self.tok
+    return tuple(tok.encode(row["input"] + " ") + tok.encode(row["question"]) + [tok.sep_id])
+
+  def decoder(self, cfg, variables, max_length=None):
+    del variables
+    self.max_lengths.append(max_length)
+    oracle = self
+
+    class Decoder:
+      def __init__(self):
+        self.cfg = cfg
+
+      def init_state(self, batch_size):
+        return {"seen": [[] for _ in range(batch_size)], "fed": 0}
+
+      def feed(self, state, tokens, valid):
+        tokens, valid = np.asarray(tokens), np.asarray(valid, bool)
+        fed = state["fed"] + tokens.shape[1]
+        assert max_length is None or fed <= max_length, (fed, max_length)
+        seen = [s + t[v].tolist() for s, t, v in zip(state["seen"], tokens, valid)]
+        return np.zeros(tokens.shape + (1,), np.float32), {"seen": seen, "fed": fed}
+
+      def generate(self, state, last_logits, max_new_tokens, *, eos_id, **sampling):
+        del last_logits, sampling
+        out = np.full((len(state["seen"]), max_new_tokens), eos_id, np.int32)
+        for i, seen in enumerate(state["seen"]):
+          ids = oracle.tok.encode(oracle.answers.get(tuple(seen), oracle.WRONG))[:max_new_tokens - 1]
+          out[i, :len(ids)] = ids
+        return out, state
+
+    return Decoder()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +118,15 @@ def test_a_relative_run_path_loads(runs, monkeypatch):
   assert model.step == 7 and model.name == "mem"
 
 
-def test_end_to_end_table_json_png(runs, tmp_path, capsys):
+@pytest.mark.parametrize("oracle", [False, True])
+def test_end_to_end_table_json_png(runs, tmp_path, capsys, monkeypatch, oracle):
+  """The checkpoints load for real; they answer with their own (random) weights, or through the oracle:
+  then the memory model, which streams every context, answers all right, and the memory-less one, which
+  sees the last (SEGMENTS - 1) * T context tokens, answers right exactly the rows whose context fits."""
   root, data = runs
+  rows = [json.loads(l) for l in data.read_text().splitlines()]
+  if oracle:
+    monkeypatch.setattr(babilong_eval, "Decoder", Oracle(rows, tokenizers.ByteTokenizer()).decoder)
   out = tmp_path / "out"
   rc = cli.main(["--run", str(root / "mem"), "--checkpoint", str(root / "nomem" / "checkpoints" / "7"),
                  "--data", str(data), "--tasks", "qa1,qa6", "--lengths", "0k,1k", "--batch-size", "2",
@@ -85,13 +145,17 @@ def test_end_to_end_table_json_png(runs, tmp_path, capsys):
         mine = [p for p in predictions if p["task"] == task and p["length"] == length]
         assert entry["counts"][task][length]["total"] == 2
         assert entry["accuracy"][task][length] == sum(p["correct"] for p in mine) / 2
+        if oracle:
+          cell = [r for r in rows if r["task"] == task and r["length"] == length]
+          fits = [name == "mem" or len((r["input"] + " ").encode()) <= (SEGMENTS - 1) * T for r in cell]
+          assert entry["counts"][task][length]["correct"] == sum(fits)
+          assert all(p["correct"] == (p["prediction"] == p["answer"]) for p in mine)
     assert entry["average"]["0k"] == pytest.approx(
         (entry["accuracy"]["qa1"]["0k"] + entry["accuracy"]["qa6"]["0k"]) / 2)
   # The memory model streams everything; the memory-less one is cut to its training context at 1k.
   assert results["models"]["mem"]["max_context"] is None
   assert results["models"]["mem"]["truncated_lengths"] == []
   assert results["models"]["nomem"]["max_context"] == (SEGMENTS - 1) * T
-  rows = [json.loads(l) for l in data.read_text().splitlines()]
   too_long = sorted({r["length"] for r in rows if len((r["input"] + " ").encode()) > (SEGMENTS - 1) * T})
   assert "1k" in too_long
   assert results["models"]["nomem"]["truncated_lengths"] == too_long
@@ -99,6 +163,57 @@ def test_end_to_end_table_json_png(runs, tmp_path, capsys):
   assert "average over qa1, qa6" in printed
   png = (out / "babilong.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.fixture(scope="module")
+def oracle_rows():
+  """6 rows per cell, in the builder's order (not sorted by length), answers varied."""
+  rows = babilong_eval.build_rows(["qa1", "qa6"], ["0k", "1k"], 6, 0, tokenizers.ByteTokenizer())
+  qa1 = [len((r["input"] + " ").encode()) for r in rows if r["task"] == "qa1" and r["length"] == "0k"]
+  assert qa1 != sorted(qa1)
+  return rows
+
+
+def _eval_model(name, **model):
+  cfg = ModelConfig.from_yaml("configs/model/tiny.yaml", segment_length=T, **model)
+  return checkpoints.EvalModel(name, cfg, None, tokenizers.ByteTokenizer(), trained_length=7 * T)
+
+
+def test_babilong_counts_the_answers_of_a_model_that_answers_right(oracle_rows, monkeypatch):
+  """Batches of 2 after sorting each cell by length: every answer still goes to its own row."""
+  oracle = Oracle(oracle_rows, tokenizers.ByteTokenizer())
+  monkeypatch.setattr(babilong_eval, "Decoder", oracle.decoder)
+  report = babilong_eval.evaluate(_eval_model("mem"), oracle_rows, batch_size=2, progress=False)
+  assert report.max_context is None and oracle.max_lengths == [None]
+  assert len(report.predictions) == len(oracle_rows) == 24
+  assert all(p["correct"] and p["prediction"] == p["answer"] and not p["truncated"]
+             for p in report.predictions)
+  asked = sorted((r["task"], r["length"], r["question"], r["answer"]) for r in oracle_rows)
+  assert sorted((p["task"], p["length"], p["question"], p["answer"]) for p in report.predictions) == asked
+  assert {k: (c.correct, c.total, c.truncated) for k, c in report.cells.items()} == {
+      (task, length): (6, 6, 0) for task in ("qa1", "qa6") for length in ("0k", "1k")}
+  table = babilong_eval.report_dict(report)
+  assert table["accuracy"] == {"qa1": {"0k": 1.0, "1k": 1.0}, "qa6": {"0k": 1.0, "1k": 1.0}}
+
+
+def test_babilong_full_attention_baseline_sees_its_training_context(oracle_rows, monkeypatch):
+  """A full-attention model trained on 7 segments of T sees the last 6 * T context tokens (a segment
+  is left for the question and answer) in a cache of 7 * T: rows whose context fits are answered right,
+  the others are cut and (to the oracle) unanswerable."""
+  oracle = Oracle(oracle_rows, tokenizers.ByteTokenizer())
+  monkeypatch.setattr(babilong_eval, "Decoder", oracle.decoder)
+  model = _eval_model("full", use_memory=False, attention="full")
+  report = babilong_eval.evaluate(model, oracle_rows, batch_size=2, progress=False)
+  cap = 6 * T
+  assert report.max_context == cap and oracle.max_lengths == [cap + T]
+  expected = {}
+  for r in oracle_rows:
+    fits = len((r["input"] + " ").encode()) <= cap
+    right, total, cut = expected.get((r["task"], r["length"]), (0, 0, 0))
+    expected[(r["task"], r["length"])] = (right + fits, total + 1, cut + (not fits))
+  assert {k: (c.correct, c.total, c.truncated) for k, c in report.cells.items()} == expected
+  assert 0 < expected[("qa1", "0k")][0] < 6 and 0 < expected[("qa6", "0k")][0] < 6
+  assert all(p["correct"] == (not p["truncated"]) for p in report.predictions)
 
 
 def _error(capsys, argv) -> str:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm2_jax.model import LM2, init_memory
+from lm2_jax.model.memory import Memory
 from model_utils import init_model, max_abs_diff, tiny_config
 
 
@@ -66,14 +67,37 @@ def test_learned_init_is_trained_and_used():
   assert float(jnp.abs(grad).max()) > 0
 
 
-def test_forget_gate_statistics_are_reported():
+def _memory_apply(cfg, params, h, read_bank, prev_bank, valid):
+  """(read, new bank, sown intermediates) of block 0's Memory module on the given arrays."""
+  (read, bank), state = Memory(cfg).apply({"params": params}, h, read_bank, prev_bank, valid,
+                                          mutable=["intermediates"])
+  return read, bank, state["intermediates"]
+
+
+def _memory_inputs(cfg, seed=3):
+  k = jax.random.split(jax.random.key(seed), 3)
+  h = jax.random.normal(k[0], (2, cfg.segment_length, cfg.d_model))
+  read_bank = jax.random.normal(k[1], (2, cfg.num_slots, cfg.d_model))
+  prev_bank = jax.random.normal(k[2], (2, cfg.num_slots, cfg.d_model))
+  valid = jnp.ones((2, cfg.segment_length), bool).at[1, :3].set(False)  # row 1: padding first
+  return h, read_bank, prev_bank, valid
+
+
+def test_forget_gate_mean_is_the_gate_the_bank_update_applies():
+  """`tokens` write: mem' = g_in tanh(u) + g_f mem with gates of u alone, so the bank's response to its
+  previous content is g_f itself; the reported forget_gate_mean must be that response's mean."""
   cfg = tiny_config(forget_bias_init=3.0)
-  model, variables, tokens = init_model(cfg, segments=2)
-  (_, _), inter = model.apply(variables, tokens, mutable=["intermediates"])
-  g_f = np.asarray(inter["intermediates"]["block_0"]["memory"]["forget_gate_mean"][0])  # [C, B]
-  assert g_f.shape == (2, 2)
+  _, variables, _ = init_model(cfg, segments=1)
+  params = nn.unbox(variables["params"])["block_0"]["memory"]
+  h, read_bank, prev, valid = _memory_inputs(cfg)
+  _, new, inter = _memory_apply(cfg, params, h, read_bank, prev, valid)
+  delta = jax.random.normal(jax.random.key(9), prev.shape)
+  _, moved, _ = _memory_apply(cfg, params, h, read_bank, prev + delta, valid)
+  g_f = (moved - new) / delta                                 # [B, M, D], the applied forget gate
+  assert float(jnp.std(g_f)) > 1e-4                           # a gate per slot and column, not a constant
+  np.testing.assert_allclose(inter["forget_gate_mean"][0], jnp.mean(g_f, axis=(1, 2)), rtol=1e-3)
   # Small random weights leave the gate near sigmoid(bias).
-  np.testing.assert_allclose(g_f, 1 / (1 + np.exp(-3.0)), atol=0.02)
+  np.testing.assert_allclose(g_f, 1 / (1 + np.exp(-3.0)), atol=0.03)
 
 
 def test_address_keys_make_read_attention_independent_of_content():
@@ -92,14 +116,26 @@ def test_address_keys_make_read_attention_independent_of_content():
                       _read_attention(content, variables, tokens, memory=b)) > 1e-4
 
 
-def test_slot_routed_write_reports_routes_of_real_tokens_only():
-  cfg = tiny_config(write_softmax="slots")
-  model, variables, tokens = init_model(cfg, segments=2)
-  valid = np.ones(tokens.shape, bool)
-  valid[0, cfg.segment_length - 3:] = False    # row 0: padding from 3 tokens before the end of segment 0
-  (_, _), inter = model.apply(variables, tokens, valid=jnp.asarray(valid), mutable=["intermediates"])
-  mem = inter["intermediates"]["block_0"]["memory"]
-  routes = np.asarray(mem["write_routes"][0])                # [C, B, Nm, T, M]
-  per_token = routes.sum(-1)                                 # [C, B, Nm, T]: 1 per real token, 0 on padding
-  expect = valid.reshape(2, 2, cfg.segment_length)[..., None, :].swapaxes(0, 1)
-  np.testing.assert_allclose(per_token, np.broadcast_to(expect, per_token.shape), atol=1e-5)
+def test_slot_write_routes_are_what_moves_the_bank():
+  """`slots` write with the gates off: mem'_m = mem_m + (1 - exp(-mass_m)) tanh(u_m), u_m the routed
+  tokens' mean of h Wu. The reported routes, fed to that equation, give the bank the module wrote; they
+  are zero on padding (here before the real tokens) and sum to 1 over the slots on real tokens."""
+  cfg = tiny_config(memory_write="slots", input_gate=False, forget_gate=False,
+                    memory_score_scale=4.0)
+  _, variables, _ = init_model(cfg, segments=1)
+  params = nn.unbox(variables["params"])["block_0"]["memory"]
+  params = dict(params, update={"kernel": 10.0 * params["update"]["kernel"]})  # tanh beyond its linear range
+  h, read_bank, prev, valid = _memory_inputs(cfg)
+  _, new, inter = _memory_apply(cfg, params, h, read_bank, prev, valid)
+  routes = np.asarray(inter["write_routes"][0], np.float64)  # [B, Nm, T, M]
+  np.testing.assert_allclose(routes.sum(-1), np.broadcast_to(np.asarray(valid)[:, None], routes.shape[:3]),
+                             atol=1e-6)
+  nm, hd = cfg.memory_heads, cfg.memory_head_dim
+  hu = (np.asarray(h, np.float64) @ np.asarray(params["update"]["kernel"], np.float64)).reshape(
+      2, cfg.segment_length, nm, hd)
+  mass = routes.sum(2)                                       # [B, Nm, M]
+  u = np.einsum("bntm,btnh->bmnh", routes, hu) / mass.swapaxes(1, 2)[..., None]
+  step = (1 - np.exp(-mass)).swapaxes(1, 2)[..., None] * np.tanh(u)
+  expected = np.asarray(prev, np.float64) + step.reshape(prev.shape)
+  np.testing.assert_allclose(new, expected, atol=2e-5)
+  assert np.abs(step).max() > 0.1

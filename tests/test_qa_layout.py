@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lm2_jax.data import babi, qa, tokenizers
+from tests import babi_replay
 
 TOK = tokenizers.ByteTokenizer()
 C, T = 4, 64
@@ -35,19 +36,28 @@ def test_shapes_dtypes_and_shifted_targets():
 
 @pytest.mark.parametrize("task", ["qa1", "qa2", "qa5", "qa8", "qa10"])
 def test_answer_tokens_decode_to_answer_and_offset_is_fixed(task):
-  src = _source(task, num_segments=6, segment_length=96, num_sentences=(3, 6))
+  """The question of the row's own story starts at T - (longest question + longest answer of the task
+  + SEP + EOS), computed here from the task's question and answer lists; only PAD comes before it."""
+  t = 96
+  longest_q = max(len(TOK.encode(q)) for q in babi.all_questions(task))
+  longest_a = max(len(TOK.encode(a)) for a in babi.answer_vocab(task))
+  offset = t - (longest_q + 1 + longest_a + 1)
+  src = _source(task, num_segments=6, segment_length=t, num_sentences=(3, 6))
+  assert src.offset == offset
   vocab = babi.answer_vocab(task)
   for i in range(40):
-    row = src[i]
-    last = _segments_of(row, 6, 96)[-1]
-    sep = int(np.flatnonzero(last == TOK.sep_id)[0])
-    question = TOK.decode(last[src.offset:sep])
-    assert question.endswith("?") and question in babi.all_questions(task)
-    # The question starts exactly at the fixed offset: the token before it is PAD or filler, not question.
-    assert TOK.decode(last[src.offset:src.offset + 1]) == question[0]
+    row, sample = src[i], _sample_of(src, i)
+    last = _segments_of(row, 6, t)[-1]
+    question, answer = TOK.encode(sample.question), TOK.encode(sample.answer)
+    assert np.all(last[:offset] == TOK.pad_id)
+    np.testing.assert_array_equal(last[offset:offset + len(question)], question)
+    end = offset + len(question)
+    assert last[end] == TOK.sep_id
+    np.testing.assert_array_equal(last[end + 1:end + 1 + len(answer)], answer)
+    assert last[end + 1 + len(answer)] == TOK.eos_id
     masked = row["targets"][row["loss_mask"] > 0]
     assert masked[-1] == TOK.eos_id
-    assert TOK.decode(masked[:-1]) == vocab[row["answer_id"]]
+    assert TOK.decode(masked[:-1]) == vocab[row["answer_id"]] == sample.answer
 
 
 def _segments_of(row, c, t):
@@ -88,6 +98,40 @@ def _sample_of(src, i):
   k = src.rejections(i)
   return babi.generate(src.task, src.seed, i + k * src.num_samples, num_sentences=src.num_sentences,
                        split=src.split)
+
+
+def replay_row(row, num_segments, segment_length, offset, tok=TOK):
+  """What a row's tokens say, read back independently: (answer, last supporting sentence's segment,
+  whether the story's last sentence is that sentence, the story's sentences), from replaying its context
+  sentences (`babi_replay`) and its question (at `offset` of the last segment). Needs filler_density 0."""
+  segments = row["inputs"].reshape(num_segments, segment_length)
+  sentences, segment_of = [], []
+  for c, seg in enumerate(segments[:-1]):
+    text = tok.decode(seg[seg != tok.pad_id])
+    for sentence in (s.strip() + "." for s in text.split(".") if s.strip()):
+      sentences.append(sentence)
+      segment_of.append(c)
+  last = segments[-1]
+  sep = offset + int(np.flatnonzero(last[offset:] == tok.sep_id)[0])
+  answer, support = babi_replay.solve(sentences, tok.decode(last[offset:sep]))
+  return answer, segment_of[max(support)], max(support) == len(sentences) - 1, sentences
+
+
+@pytest.mark.parametrize("task", ["qa1", "qa2"])
+def test_fact_segment_and_last_fact_supports_match_an_independent_replay(task):
+  """qa2 asks where an object is: two supporting facts (who got it, where that one went), so the
+  supporting sentence that matters is the later one."""
+  c, t = 5, 80
+  src = _source(task, num_segments=c, segment_length=t, num_sentences=(2, 8))
+  flags = collections.Counter()
+  for i in range(80):
+    row = src[i]
+    answer, fact_segment, last_supports, _ = replay_row(row, c, t, src.offset)
+    assert babi.answer_vocab(task)[row["answer_id"]] == answer
+    assert row["fact_segment"] == fact_segment
+    assert row["last_fact_supports"] == int(last_supports)
+    flags[last_supports] += 1
+  assert min(flags[True], flags[False]) >= 10, flags
 
 
 def test_supporting_fact_distance_varies():

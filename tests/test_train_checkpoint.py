@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import yaml
 
@@ -19,6 +21,9 @@ from lm2_jax.train import config as config_lib
 from lm2_jax.train import mesh as mesh_lib
 from lm2_jax.train import optimizer as opt_lib
 from lm2_jax.train import state as state_lib
+from lm2_jax.train import loop as train_loop
+from lm2_jax.train import metrics as metrics_lib
+from lm2_jax.train import step as step_lib
 from test_train_evaluate import C, T, TINY_MODEL, CountingSource
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,11 +72,101 @@ def test_empty_directory_restores_nothing(tmp_path):
   assert ckpt_lib.Checkpointer(tmp_path, config_lib.CheckpointConfig()).restore(abstract) is None
 
 
+def _state_on_one_device():
+  """(model, tx, mesh, abstract state, its shardings, a fresh state) of the tiny model on one device."""
+  model, tx, mesh, shape = _abstract(config_lib.MeshConfig(data=1, num_devices=1))
+  abstract, shardings = state_lib.abstract_state(model, tx, mesh, shape, seed=0)
+  state, _ = state_lib.init_state(model, tx, mesh, shape, seed=0)
+  return model, tx, mesh, abstract, shardings, state
+
+
+def _donating_steps():
+  """(abstract state, state, compiled train step that donates its state, batch(step)), one device."""
+  model, tx, mesh, abstract, shardings, state = _state_on_one_device()
+  schedule = opt_lib.make_schedule(config_lib.TrainConfig())
+  compiled = step_lib.compile_train_step(step_lib.make_train_step(model, tx, schedule, 1, mesh),
+                                         shardings, abstract, step_lib.abstract_batch(4, C * T, C, mesh),
+                                         mesh)
+  source = CountingSource(64)
+
+  def batch(step):
+    rows = [source[i] for i in range(4 * step, 4 * step + 4)]
+    return mesh_lib.global_batch({k: np.stack([r[k] for r in rows]) for k in step_lib.MODEL_KEYS}, mesh)
+
+  return abstract, state, compiled, batch
+
+
+def test_async_saves_then_donating_steps_restore_their_own_step_and_keep_the_newest(tmp_path):
+  """Asynchronous saves at steps 2, 4 and 5, each followed at once by more steps of a train step that
+  donates its state, while the write may still run: with keep=2, steps 4 and 5 remain, each restoring
+  the values of its own step."""
+  abstract, state, compiled, batch = _donating_steps()
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", config_lib.CheckpointConfig(keep=2, async_save=True))
+  saved = {}
+  for step in range(1, 8):
+    old = state
+    state, _ = compiled(state, batch(step))
+    if step == 1:
+      # The step donates its input state. (Measured: the step right after a save copies instead, as the
+      # save still holds those buffers; the values below must not depend on that.)
+      assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))
+    if step in (2, 4, 5):
+      saved[step] = jax.device_get(state)
+      ckpt.save(step, state)
+  ckpt.close()
+  assert ckpt.steps() == [4, 5]
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["4", "5"]
+  restored, step = ckpt_lib.Checkpointer(tmp_path / "ckpt", config_lib.CheckpointConfig()).restore(abstract)
+  assert step == 5
+  older = ckpt_lib.Checkpointer(tmp_path / "ckpt", config_lib.CheckpointConfig()).manager.restore(
+      4, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  for got, want in ((restored, saved[5]), (older, saved[4])):
+    assert int(got.step) == int(want.step)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(saved[4].params["embed"]["embedding"], saved[5].params["embed"]["embedding"])
+
+
+def test_reshard_data_resumes_at_the_global_batch_of_the_step(tmp_path):
+  """A checkpoint written by 2 processes (each reading half of every global batch) resumed by 1 process
+  with reshard_data: the state restores, and the next batch is global batch `step`, which the 2 processes
+  would have read together (process i takes rows i, i+2, ... of it). Step 7 lies in the second epoch."""
+  *_, abstract, _, state = _state_on_one_device()
+  source = pipeline.ArraySource({"row": np.arange(24)})
+  step = 7
+  halves = []
+  for i in range(2):
+    it = iter(pipeline.make_dataset(source, batch_size=2, seed=3, process_index=i, process_count=2))
+    for _ in range(step):
+      next(it)
+    halves.append(next(it)["row"])
+  expected = np.stack(halves, axis=1).reshape(-1)             # [p0 row 0, p1 row 0, p0 row 1, p1 row 1]
+  # The 2-process checkpoint: one process's save, its data item renamed as the two processes' files.
+  it = iter(pipeline.make_dataset(source, batch_size=4, seed=3))
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", config_lib.CheckpointConfig(async_save=False))
+  ckpt.save(step, state, it)
+  ckpt.close()
+  data = tmp_path / "ckpt" / str(step) / "data"
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  shutil.copy(data / "process_0-of-2.json", data / "process_1-of-2.json")
+
+  fresh = iter(pipeline.make_dataset(source, batch_size=4, seed=3))
+  reader = ckpt_lib.Checkpointer(tmp_path / "ckpt", config_lib.CheckpointConfig())
+  with pytest.raises(config_lib.ConfigError, match="reshard-data"):
+    reader.restore(abstract, fresh)
+  restored, got_step = reader.restore(abstract, fresh, reshard_data=True)
+  assert got_step == step
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(next(fresh)["row"], expected)
+
+
 def _write_experiment(tmp_path, steps):
   cfg = {
       "name": "sig", "runs_dir": str(tmp_path / "runs"),
       "model": dict(TINY_MODEL, vocab_size=260, segment_length=48),
-      "train": {"steps": steps, "batch_size": 4, "warmup_steps": 2},
+      # decay_steps fixed: the schedule must not depend on `steps`, which the resumed run changes.
+      "train": {"steps": steps, "batch_size": 4, "warmup_steps": 2, "decay_steps": 1000},
       "data": {"kind": "qa", "task": "qa1", "num_segments": 2, "train_size": 64, "eval_size": 8,
                "num_sentences": 1},
       "mesh": {"data": 1, "num_devices": 1},
@@ -110,3 +205,12 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
   assert again.returncode == 0, again.stdout + again.stderr
   assert f"from step {stopped_at}" in again.stdout
   assert (tmp_path / "runs" / "sig" / "final_eval.json").is_file()
+  # The restored state is the one saved at SIGTERM: interrupted + resumed metrics equal those of an
+  # uninterrupted run of the same config (in this process), step for step, bit for bit.
+  reference = config_lib.load_config(str(path), [f"runs_dir={tmp_path / 'reference'}"])
+  train_loop.train(reference, echo=lambda s: None)
+  keys = ("step", "loss", "accuracy", "grad_norm", "lr")
+  def rows(root):
+    return [{k: r[k] for k in keys} for r in metrics_lib.read_metrics(root / "sig", "train")]
+  assert rows(tmp_path / "runs") == rows(tmp_path / "reference")
+  assert [r["step"] for r in rows(tmp_path / "runs")] == list(range(1, stopped_at + 3))

@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from lm2_jax.data import qa
 from lm2_jax.train import config as config_lib
 from lm2_jax.train import evaluate as eval_lib
+from test_qa_layout import TOK, replay_row
 
 C, T, V = 4, 8, 32
 
@@ -74,6 +76,38 @@ def test_evaluate_counts_answers_by_distance():
   assert result["accuracy"] == pytest.approx(9.0 / 12.0)
   assert result["answer_accuracy"] == pytest.approx(4 / 6)
   assert result["accuracy_by_distance"] == {"1": 1.0, "2": 0.0, "3": 1.0}
+
+
+def test_accuracy_last_fact_elsewhere_of_a_recency_model_on_replayed_stories():
+  """Held-out qa1 rows answered by the recency shortcut (the place of the story's last sentence): right
+  on every row whose last sentence is the supporting fact, elsewhere only when that place happens to be
+  the answer. The expected figures come from replaying each row's story independently (babi_replay),
+  not from the rows' own bookkeeping."""
+  c, t = 4, 64
+  src = qa.QASource("qa1", "validation", 0, TOK, c, t, 48)
+  batches, stats, right, elsewhere, distance = [], [], [], [], []
+  for start in range(0, len(src), 8):
+    rows = [src[i] for i in range(start, start + 8)]
+    batches.append({k: np.stack([r[k] for r in rows]) for k in eval_lib.QA_KEYS[:3]})
+    ok = []
+    for row in rows:
+      answer, fact_segment, last_supports, sentences = replay_row(row, c, t, src.offset)
+      ok.append(sentences[-1].rstrip(".").split()[-1] == answer)
+      right.append(ok[-1])
+      elsewhere.append(not last_supports)
+      distance.append(c - 1 - fact_segment)
+    # Two target tokens per row, the answer's and EOS's: both right, or only EOS.
+    stats.append({"nll_sum": np.ones(8), "weight_sum": np.full(8, 2.0),
+                  "correct_sum": np.where(ok, 2.0, 1.0)})
+  right, elsewhere, distance = map(np.asarray, (right, elsewhere, distance))
+  it = iter(stats)
+  result = eval_lib.evaluate(lambda b: next(it), batches)
+  assert 10 <= elsewhere.sum() <= len(src) - 10 and right[~elsewhere].all()
+  assert 0 < right[elsewhere].mean() < 1
+  assert result["accuracy_last_fact_elsewhere"] == pytest.approx(right[elsewhere].mean())
+  assert result["answer_accuracy"] == pytest.approx(right.mean())
+  assert result["accuracy_by_distance"] == pytest.approx(
+      {str(d): right[distance == d].mean() for d in sorted(set(distance.tolist()))})
 
 
 def test_evaluate_without_qa_fields_has_no_answer_accuracy():

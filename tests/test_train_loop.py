@@ -45,8 +45,12 @@ def test_nan_loss_stops_and_names_the_step(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+  """The run falls back to step 4, saved asynchronously while steps 5-8 went on; its state there (params,
+  moments, step, RNG, data position) is what was saved: steps 5-8 repeat their metrics bit for bit.
+  Its final save replaces the unreadable step 8 (a rerun would otherwise fall back to 4 again)."""
   cfg = tiny_config(tmp_path, "corrupt", train={"steps": 8})
   train(cfg, sources=sources(), echo=lambda s: None)
+  first = metrics_lib.read_metrics(tmp_path / "corrupt", "train")
   ckpts = tmp_path / "corrupt" / "checkpoints"
   assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 8]
   shutil.rmtree(ckpts / "8" / "state")
@@ -54,11 +58,18 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   (ckpts / "8" / "state" / "garbage").write_bytes(b"\x00not a checkpoint")
   lines = []
   with caplog.at_level(logging.WARNING):
-    again = train(tiny_config(tmp_path, "corrupt", train={"steps": 10}), sources=sources(),
+    # The same 8 steps (the learning-rate schedule depends on them), resumed from step 4.
+    again = train(tiny_config(tmp_path, "corrupt", train={"steps": 8}), sources=sources(),
                   echo=lines.append)
   assert "resumed" in lines[0] and "from step 4" in lines[0]
   assert any("8 cannot be restored" in r.getMessage() for r in caplog.records)
-  assert again.status == "completed" and again.step == 10
+  assert again.status == "completed" and again.step == 8
+  keys = ("step", "loss", "accuracy", "grad_norm", "lr")
+  replayed = [{k: r[k] for k in keys} for r in metrics_lib.read_metrics(tmp_path / "corrupt", "train")]
+  original = [{k: r[k] for k in keys} for r in first]
+  assert replayed[len(first):] == original[4:] and [r["step"] for r in original[4:]] == [5, 6, 7, 8]
+  assert len({r["loss"] for r in original[4:]}) > 1
+  assert not (ckpts / "8" / "state" / "garbage").exists() and (ckpts / "8" / "state" / "_METADATA").exists()
 
 
 def test_training_reduces_loss_and_writes_outputs(tmp_path):

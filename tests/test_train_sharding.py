@@ -1,7 +1,9 @@
-"""Sharded train steps on 8 fake CPU devices match one device; accumulation matches a full batch."""
+"""Sharded train steps on 8 fake CPU devices match one device; accumulation matches a full batch
+(token-weighted, with a loss mask that differs across micro-batches)."""
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from lm2_jax.model import LM2, ModelConfig
@@ -63,13 +65,54 @@ def test_sharded_steps_match_one_device(single_device, shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_gradient_accumulation_matches_full_batch(single_device):
-  losses, params = run_steps(config_lib.MeshConfig(data=1, num_devices=1), micro_batches=4)
-  ref_losses, ref_params = single_device
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+def _one_sgd_step(batch: dict, micro_batches: int):
+  """One compiled train step with SGD at learning rate 1 (so the update is minus the gradient):
+  (model, params before it, update, metrics)."""
+  model = LM2(ModelConfig.from_dict(TINY_MODEL))
+  mesh = mesh_lib.make_mesh(config_lib.MeshConfig(data=1, num_devices=1))
+  tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+  shape = (1, C * T)
+  abstract, shardings = state_lib.abstract_state(model, tx, mesh, shape, seed=0)
+  state, _ = state_lib.init_state(model, tx, mesh, shape, seed=0)
+  before = jax.device_get(state.params)
+  compiled = step_lib.compile_train_step(
+      step_lib.make_train_step(model, tx, schedule, micro_batches, mesh), shardings, abstract,
+      step_lib.abstract_batch(BATCH, C * T, C, mesh), mesh)
+  state, metrics = compiled(state, mesh_lib.global_batch(batch, mesh))
+  update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), jax.device_get(state.params), before)
+  return model, before, update, jax.device_get(metrics)
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_tokens():
+  """The step's loss is the token-weighted mean over the batch. With a loss mask whose weight differs
+  across micro-batches (micro-batch a holds rows a, a+4: here 30, 12, 2 and 0 of their 64 target
+  tokens count, at scattered positions), 4 micro-batches must give one full batch's loss and gradient,
+  and both must equal an independent gradient of sum(masked NLL) / sum(mask); a mean of micro-batch
+  means would weight micro-batch 2's two tokens like micro-batch 0's thirty."""
+  source = CountingSource(BATCH)
+  batch = {k: np.stack([source[i][k] for i in range(BATCH)]) for k in step_lib.MODEL_KEYS}
+  rng = np.random.default_rng(0)
+  keep = {0: 15, 1: 6, 2: 1, 3: 0}                     # per row, by micro-batch
+  mask = np.zeros((BATCH, C * T), np.float32)
+  for i in range(BATCH):
+    mask[i, rng.choice(C * T, keep[i % 4], replace=False)] = 1.0
+  batch["loss_mask"] = mask
+  model, params, full_update, full_metrics = _one_sgd_step(batch, micro_batches=1)
+  _, _, accum_update, accum_metrics = _one_sgd_step(batch, micro_batches=4)
+
+  def loss(p):
+    stats, _ = model.apply({"params": p}, batch["inputs"], batch["targets"], mask,
+                           resets=batch["resets"], valid=batch["valid"], method=LM2.loss)
+    return stats.nll_sum.sum() / stats.weight_sum.sum()
+
+  value, grads = jax.value_and_grad(loss)(params)
+  assert float(full_metrics["tokens"]) == float(accum_metrics["tokens"]) == mask.sum() == 44
+  np.testing.assert_allclose(full_metrics["loss"], value, rtol=1e-5)
+  np.testing.assert_allclose(accum_metrics["loss"], value, rtol=1e-5)
+  for update in (full_update, accum_update):
+    for u, g in zip(jax.tree.leaves(update), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(-u, g, rtol=1e-4, atol=1e-6)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-2
 
 
 def test_fsdp_shards_embed_axis_and_fits_indivisible_dims():

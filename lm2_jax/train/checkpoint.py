@@ -4,7 +4,8 @@ One `Checkpointer` per run directory (`<run_dir>/checkpoints/<step>/{state,data,
 asynchronous: `save` returns once the arrays are copied off the devices, and the write finishes in the
 background (`wait` blocks). Restoring takes an abstract state whose ShapeDtypeStructs carry the
 shardings of the *current* mesh, so a checkpoint written on one mesh shape restores onto another. A
-latest checkpoint that cannot be read (corrupt or half-written) is reported and the previous one is used.
+latest checkpoint that cannot be read (corrupt or half-written) is reported and the previous one is used;
+when the resumed run reaches that step again, its save replaces the unreadable checkpoint.
 
 Multi-process runs write one checkpoint together: Orbax writes each array's shards from the processes that
 hold them, and Grain writes each process's iterator position as `data/process_<i>-of-<n>.json`. Resuming
@@ -46,6 +47,7 @@ class Checkpointer:
         max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unreadable: set[int] = set()  # steps `restore` could not read
 
   def steps(self) -> list[int]:
     """Finished checkpoint steps, oldest first."""
@@ -53,7 +55,13 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, data_iter: Any = None, config: dict | None = None
            ) -> bool:
-    """Starts saving `state` (and the iterator position, config) as `step`; False if already saved."""
+    """Starts saving `state` (and the iterator position, config) as `step`; False if already saved.
+
+    A step that `restore` found unreadable is deleted and written anew.
+    """
+    if step in self._unreadable:
+      self.manager.delete(step)
+      self._unreadable.discard(step)
     if step in self.manager.all_steps():
       return False
     items = {"state": ocp.args.StandardSave(state)}
@@ -107,6 +115,7 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         # Anything from a truncated file to a missing item: this step is unusable, the older may not be.
+        self._unreadable.add(step)
         log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
                     self.directory, step, type(e).__name__, str(e).splitlines()[0][:300] if str(e)
                     else "")
