@@ -1,6 +1,7 @@
 """A sweep: one base experiment, named cells of dotted overrides, seeds; each cell a real `train.py` run.
 
-    python -m lm2_jax.sweep configs/sweep/NAME.yaml [--jobs N] [--dry-run] [--table] [key=value ...]
+    python -m lm2_jax.sweep configs/sweep/NAME.yaml [--jobs N] [--cells a,b] [--dry-run] [--table]
+        [key=value ...]
 
 A sweep file:
 
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
   parser.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
   parser.add_argument("--dry-run", action="store_true", help="print one train.py command per cell")
   parser.add_argument("--table", action="store_true", help="only rebuild the table of finished runs")
+  parser.add_argument("--cells", default="", help="comma-separated cells to run (default: all)")
   args = parser.parse_intermixed_args(argv)
   try:
     sweep = load_sweep(args.sweep)
@@ -151,6 +153,14 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   runs = cell_runs(sweep, args.overrides)
+  if args.cells:
+    wanted = [c.strip() for c in args.cells.split(",") if c.strip()]
+    unknown = sorted(set(wanted) - set(sweep["cells"]))
+    if unknown:
+      print(f"error: --cells {unknown} not in {args.sweep}; its cells: {list(sweep['cells'])}",
+            file=sys.stderr)
+      return 2
+    runs = [r for r in runs if r[0] in wanted]
   if args.dry_run:
     for _, _, _, cmd in runs:
       print(shlex.join(cmd))

@@ -1,0 +1,66 @@
+"""The sweep runner: cells are real train.py runs; finished cells are skipped; the table holds each
+cell's own final_eval.json figures."""
+
+import json
+import pathlib
+
+import pytest
+
+from lm2_jax import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENT = f"""
+name: base
+model: {{include: {ROOT}/configs/model/tiny.yaml, num_slots: 4}}
+train: {{steps: 2, batch_size: 8, warmup_steps: 1}}
+data: {{kind: recall, num_segments: 3, recall_queries: 2, recall_keys: 6, recall_values: 6,
+        train_size: 64, eval_size: 16}}
+mesh: {{data: 1, num_devices: 1}}
+checkpoint: {{every: 100}}
+logging: {{progress: false, tensorboard: false, peak_flops: 1.0e9}}
+"""
+
+
+def _write(tmp_path, cells="{a: [model.memory_write=keyed, model.memory_init=zeros], b: []}"):
+  (tmp_path / "exp.yaml").write_text(EXPERIMENT)
+  path = tmp_path / "sweep.yaml"
+  path.write_text(f"name: s\nbase: exp.yaml\nruns_dir: {tmp_path / 'runs'}\nseeds: [0]\ntwins: [b]\n"
+                  f"cells: {cells}\n")
+  return path
+
+
+def test_bad_sweep_files_are_refused(tmp_path, capsys):
+  assert sweep.main([str(_write(tmp_path, cells="{}"))]) == 2
+  assert "cells" in capsys.readouterr().err
+  assert sweep.main([str(_write(tmp_path, cells="{a: model.d_model=8}"))]) == 2
+  assert "cells.a" in capsys.readouterr().err
+  assert sweep.main([str(_write(tmp_path)), "--cells", "c"]) == 2
+
+
+def test_dry_run_prints_one_train_command_per_cell_and_seed(tmp_path, capsys):
+  assert sweep.main([str(_write(tmp_path)), "--dry-run", "train.steps=3"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and all("train.py" in line and "train.steps=3" in line for line in lines)
+  assert "model.memory_write=keyed" in lines[0] and "name=a-s0" in lines[0] and "name=b-s0" in lines[1]
+
+
+@pytest.mark.slow
+def test_two_cells_run_skip_when_finished_and_tabulate_their_own_figures(tmp_path, capsys):
+  path = _write(tmp_path)
+  assert sweep.main([str(path), "--jobs", "2"]) == 0
+  runs = tmp_path / "runs" / "s"
+  reports = {c: json.loads((runs / f"{c}-s0" / "final_eval.json").read_text()) for c in ("a", "b")}
+  table = json.loads((runs / "table.json").read_text())
+  for cell, report in reports.items():
+    assert table[cell]["accuracy"]["mean"] == pytest.approx(report["accuracy"])
+    assert table[cell]["loss"]["mean"] == pytest.approx(report["loss"])
+  assert table["b"]["twin"] and not table["a"]["twin"]
+  assert "| b (twin) | 1 |" in (runs / "table.md").read_text()
+  # An interrupted cell (no final_eval.json) runs again from its own checkpoint; a finished one is skipped.
+  (runs / "a-s0" / "final_eval.json").unlink()
+  capsys.readouterr()
+  assert sweep.main([str(path)]) == 0
+  out = capsys.readouterr().out
+  assert "1 finished, 1 to run" in out and "[1/1] a seed 0: ok" in out
+  assert "resumed" in (runs / "a-s0" / "sweep.log").read_text()
+  assert json.loads((runs / "a-s0" / "final_eval.json").read_text()) == reports["a"]
