@@ -66,10 +66,17 @@ def build_rows(tasks: Sequence[str], lengths: Sequence[str], samples: int, seed:
 
 
 def select(rows: Iterable[dict], tasks: Sequence[str] | None, lengths: Sequence[str] | None) -> list[dict]:
-  """The rows of the asked tasks and lengths; an asked (task, length) with no row is an error."""
+  """The rows of the asked tasks and lengths (None: any); asking for what the rows lack is an error.
+
+  With both given, every (task, length) must have a row; with one, each of its values must.
+  """
   rows = [r for r in rows if (not tasks or r["task"] in tasks) and (not lengths or r["length"] in lengths)]
   present = {(r["task"], r["length"]) for r in rows}
-  missing = [f"{t} {n}" for t in tasks or [] for n in lengths or [] if (t, n) not in present]
+  if tasks and lengths:
+    missing = [f"{t} {n}" for t in tasks for n in lengths if (t, n) not in present]
+  else:
+    missing = ([t for t in tasks or [] if t not in {task for task, _ in present}]
+               + [n for n in lengths or [] if n not in {length for _, length in present}])
   if missing:
     raise EvalDataError(f"the data has no samples for: {', '.join(missing)}")
   if not rows:

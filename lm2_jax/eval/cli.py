@@ -1,22 +1,30 @@
 """The command line of `eval.py`: BABILong (default), perplexity, multiple choice, memory attention maps.
 
-    python eval.py --run runs/A --run runs/B --tasks qa1,qa2 --lengths 0k,1k,4k [--data FILE.jsonl]
-    python eval.py perplexity --run runs/A --files data/*.txt
+    python eval.py --run runs/A --run runs/B --tasks qa1,qa2 --lengths 0k,1k,4k
+    python eval.py --run runs/A --data FILE.jsonl      # the file's tasks and lengths, unless given
+    python eval.py perplexity --run runs/A --files data/*.txt     # several files, or comma-separated
     python eval.py mc --run runs/A --file mmlu.jsonl
     python eval.py attention --run runs/A --task qa1 --length 1k --block 0
     python eval.py recall --run runs/R --lengths 1,4,16       # a recall run streamed over k x its segments
 
-Results go to `<run dir>/eval/` of the first model, or to `--out`.
+Results go to `<run dir>/eval/` of the first model, or to `--out`. A BABILong run replaces the predictions
+files of models it did not evaluate there, so the directory describes the latest run.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 
 COMMANDS = ("babilong", "perplexity", "mc", "attention", "recall")
 DEFAULT_LENGTHS = "0k,1k,2k,4k"
+PREDICTIONS = "babilong_predictions_{}.jsonl"
+# The corpus reader's and the perplexity library's errors name their own options; here they are flags.
+_FLAG_NAMES = {"corpus.on_error='skip'": "--on-error skip", "corpus.on_error": "--on-error",
+               "corpus.paths": "--files", "corpus.text_field": "--text-field",
+               "corpus.txt_split": "--txt-split", "max_unknown": "--max-unknown"}
 
 
 class UsageError(ValueError):
@@ -49,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command")
   bl = sub.add_parser("babilong", help="BABILong QA accuracy, task x length")
   _add_model_args(bl, multiple=True)
-  bl.add_argument("--tasks", default=",".join(f"qa{i}" for i in range(1, 11)))
-  bl.add_argument("--lengths", default=DEFAULT_LENGTHS)
+  bl.add_argument("--tasks", default=None,
+                  help="comma-separated (default: those of --data, else qa1-qa10)")
+  bl.add_argument("--lengths", default=None,
+                  help=f"comma-separated (default: those of --data, else {DEFAULT_LENGTHS})")
   bl.add_argument("--data", default=None, help="JSONL from `python -m lm2_jax.data.babilong` "
                   "(default: build --samples per task and length now)")
   bl.add_argument("--samples", type=int, default=20, help="samples per (task, length) when building")
@@ -66,10 +76,16 @@ def _parser() -> argparse.ArgumentParser:
 
   ppl = sub.add_parser("perplexity", help="perplexity of local text, streamed segment by segment")
   _add_model_args(ppl, multiple=True)
-  ppl.add_argument("--files", required=True, help="comma-separated files, directories or globs")
+  ppl.add_argument("--files", nargs="+", required=True,
+                   help="files, directories or globs (several, as a shell glob expands, or comma-separated)")
   ppl.add_argument("--text-field", default="text")
   ppl.add_argument("--txt-split", default="file", choices=("file", "blank_lines"))
+  ppl.add_argument("--on-error", default="fail", choices=("fail", "skip"),
+                   help="a malformed document, line or file: stop with an error, or skip it and count it")
   ppl.add_argument("--max-documents", type=int, default=0, help="0 = all")
+  ppl.add_argument("--max-unknown", type=float, default=None,
+                   help="refuse text whose share of unknown-token ids (words outside the tokenizer's "
+                        "vocabulary) exceeds this (default 0.05; 1 = score anyway; the share is reported)")
 
   mc = sub.add_parser("mc", help="multiple choice (MMLU-style JSONL) by log-likelihood")
   _add_model_args(mc, multiple=True)
@@ -129,14 +145,20 @@ def run_babilong(args) -> int:
   from lm2_jax.eval import babilong_eval, tables  # pylint: disable=g-import-not-at-top
   from lm2_jax.data import babi, babilong  # pylint: disable=g-import-not-at-top
 
-  tasks = _parse_list(args.tasks, babi.TASKS, "tasks")
-  lengths = _parse_list(args.lengths, babilong.LENGTHS, "lengths")
+  tasks = _parse_list(args.tasks, babi.TASKS, "tasks") if args.tasks else None
+  lengths = _parse_list(args.lengths, babilong.LENGTHS, "lengths") if args.lengths else None
   if args.batch_size < 1 or args.samples < 1:
     raise UsageError("--batch-size and --samples must be >= 1")
-  models = _load_models(args)
+  rows = None
   if args.data:
     rows = babilong_eval.select(babilong_eval.read_jsonl(args.data), tasks, lengths)
-  else:
+    # Unless given, the tasks and lengths are the file's own.
+    tasks = tasks or [t for t in babi.TASKS if any(r["task"] == t for r in rows)]
+    lengths = lengths or [n for n in babilong.LENGTHS if any(r["length"] == n for r in rows)]
+  tasks = tasks or list(babi.TASKS)
+  lengths = lengths or _parse_list(DEFAULT_LENGTHS, babilong.LENGTHS, "lengths")
+  models = _load_models(args)
+  if rows is None:
     rows = babilong_eval.build_rows(tasks, lengths, args.samples, args.seed, models[0].tokenizer,
                                     args.split)
   out = _out_dir(args, models)
@@ -145,9 +167,15 @@ def run_babilong(args) -> int:
     report = babilong_eval.evaluate(model, rows, batch_size=args.batch_size, max_context=args.max_context,
                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                     seed=args.seed, progress=not args.no_progress)
-    babilong_eval.write_predictions(report, out / f"babilong_predictions_{_safe(model.name)}.jsonl")
     reports.append(report)
     print(tables.format_table(report, tasks, lengths) + "\n")
+  # The predictions of models this run did not evaluate would read as this run's: they go.
+  current = {PREDICTIONS.format(_safe(r.name)) for r in reports}
+  for stale in out.glob(PREDICTIONS.format("*")):
+    if stale.name not in current:
+      stale.unlink()
+  for report in reports:
+    babilong_eval.write_predictions(report, out / PREDICTIONS.format(_safe(report.name)))
   if len(reports) > 1:
     print(tables.format_comparison(reports, tasks, lengths) + "\n")
   text = "\n\n".join([tables.format_table(r, tasks, lengths) for r in reports]
@@ -163,19 +191,35 @@ def _safe(name: str) -> str:
   return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)
 
 
+def _with_flags(message: str) -> str:
+  """`message` with the library option names it mentions replaced by this command's flags."""
+  names = sorted(_FLAG_NAMES, key=len, reverse=True)
+  return re.sub("|".join(re.escape(n) for n in names), lambda m: _FLAG_NAMES[m.group(0)], message)
+
+
 def run_perplexity(args) -> int:
+  from lm2_jax.data import corpora  # pylint: disable=g-import-not-at-top
   from lm2_jax.eval import perplexity, tables  # pylint: disable=g-import-not-at-top
 
+  files = [f for arg in args.files for f in arg.split(",") if f.strip()]
+  if args.max_unknown is not None and not 0 <= args.max_unknown <= 1:
+    raise UsageError(f"--max-unknown {args.max_unknown}: give a share in [0, 1]")
+  options = {} if args.max_unknown is None else {"max_unknown": args.max_unknown}
   models = _load_models(args)
   out = _out_dir(args, models)
   results = {}
   for model in models:
-    result = perplexity.corpus_perplexity(
-        model, args.files.split(","), text_field=args.text_field, txt_split=args.txt_split,
-        max_documents=args.max_documents or None, progress=not args.no_progress)
+    try:
+      result = perplexity.corpus_perplexity(
+          model, files, text_field=args.text_field, txt_split=args.txt_split, on_error=args.on_error,
+          max_documents=args.max_documents or None, progress=not args.no_progress, **options)
+    except (corpora.CorpusError, FileNotFoundError, perplexity.UnknownTokensError) as e:
+      raise UsageError(_with_flags(str(e))) from None
     results[model.name] = result
+    skipped = f"; skipped {result['skipped']}" if result["skipped"] else ""
     print(f"{model.name}: perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
-          f"({result['documents']} documents)")
+          f"({result['documents']} documents; {result['unknown_share']:.1%} of the tokens are the "
+          f"tokenizer's unknown id{skipped})")
   tables.write_json(results, out / "perplexity.json")
   print(f"wrote {out / 'perplexity.json'}")
   return 0

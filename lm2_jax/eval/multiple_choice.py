@@ -1,10 +1,14 @@
 """Multiple choice (MMLU-style) by log-likelihood: the model picks the choice it finds most likely.
 
-Input: a local JSONL file, one item a line: `question` (str), `choices` (list of >= 2 str), `answer` (the
-index of the right choice, its letter "A", "B", ..., or its text) and optionally `subject`. For each
-choice the prompt `{question}\\nAnswer:` is followed by ` {choice}`; the score is the summed log-probability
-of the choice's tokens given the prompt (or their mean with `normalize`, which removes the bias towards
-short choices). All choices of an item are scored in one batch, streamed segment by segment.
+Input: a local JSONL file, one item a line: `question` (str), `choices` (list of >= 2 str), `answer` and
+optionally `subject`. `answer` names the right choice by its integer index (0 = the first), by its exact
+text, or by its letter "A", "B", ... (case-insensitive) only when no choice is itself a single letter: with
+`choices: ["B", "A"]`, `"A"` is the text of the second choice, and a letter that is no choice's text is an
+error (an integer index is never ambiguous).
+
+For each choice the prompt `{question}\\nAnswer:` is followed by ` {choice}`; the score is the summed
+log-probability of the choice's tokens given the prompt (or their mean with `normalize`, which removes the
+bias towards short choices). All choices of an item are scored in one batch, streamed segment by segment.
 """
 
 from __future__ import annotations
@@ -26,19 +30,38 @@ class MCDataError(ValueError):
   """A malformed multiple-choice file (the message names the file and line)."""
 
 
+def _is_letter(text: str) -> bool:
+  return len(text) == 1 and text.upper() in string.ascii_uppercase
+
+
 def _answer_index(answer, choices: list[str], where: str) -> int:
-  if isinstance(answer, int) and not isinstance(answer, bool):
-    index = answer
-  elif isinstance(answer, str) and len(answer) == 1 and answer.upper() in string.ascii_uppercase:
+  """The index of the choice `answer` names (see the module docstring); MCDataError when it names none,
+  or when it could name two (a letter among letter choices, a text several choices share)."""
+  if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+    raise MCDataError(f"{where}: answer {answer!r} must be an integer index or a string")
+  if isinstance(answer, int):
+    if not 0 <= answer < len(choices):
+      raise MCDataError(f"{where}: answer {answer} is out of range for {len(choices)} choices "
+                        "(0 = the first)")
+    return answer
+  same_text = [i for i, c in enumerate(choices) if c == answer]
+  if len(same_text) > 1:
+    raise MCDataError(f"{where}: answer {answer!r} is the text of choices {same_text}; give the index as "
+                      "an integer")
+  letter_choices = any(_is_letter(c) for c in choices)
+  if _is_letter(answer) and not letter_choices:
     index = string.ascii_uppercase.index(answer.upper())
-  elif isinstance(answer, str) and answer in choices:
-    index = choices.index(answer)
-  else:
-    raise MCDataError(f"{where}: answer {answer!r} is neither a choice index, a letter, nor one of the "
-                      "choices")
-  if not 0 <= index < len(choices):
-    raise MCDataError(f"{where}: answer {answer!r} is out of range for {len(choices)} choices")
-  return index
+    if index >= len(choices):
+      raise MCDataError(f"{where}: answer letter {answer!r} is out of range for {len(choices)} choices")
+    return index
+  if same_text:
+    return same_text[0]
+  if _is_letter(answer):
+    raise MCDataError(f"{where}: answer {answer!r} is ambiguous: the choices {choices} are themselves "
+                      "letters, so a letter answer must be one of them exactly (case included); give the "
+                      "index as an integer (0 = the first choice)")
+  raise MCDataError(f"{where}: answer {answer!r} is neither a choice index, a letter, nor one of the "
+                    f"choices {choices}")
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:

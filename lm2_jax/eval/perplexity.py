@@ -4,6 +4,11 @@
 document of any length costs constant device memory and never materialises [B, N, V] logits.
 `corpus_perplexity` applies it to local text (the corpora formats of `lm2_jax.data.corpora`): every
 document is encoded, followed by EOS, and each token after the first is predicted from the ones before it.
+
+Text outside the tokenizer's vocabulary becomes its unknown-token id (the word tokenizer's UNK, a
+SentencePiece or Hugging Face `<unk>`), which is easy to predict: a perplexity over such text mostly measures
+how often unknown words occur. The share of unknown-token ids is always reported, and past `max_unknown`
+(default 5%) the text is refused before anything is scored.
 """
 
 from __future__ import annotations
@@ -19,6 +24,26 @@ from tqdm import tqdm
 from lm2_jax.data import corpora
 from lm2_jax.eval.checkpoints import EvalModel
 from lm2_jax.model import LM2, ModelConfig
+
+# Above this share of unknown-token ids, a perplexity says more about the vocabulary than about the model.
+DEFAULT_MAX_UNKNOWN = 0.05
+
+
+class UnknownTokensError(ValueError):
+  """Too much of the text is outside the tokenizer's vocabulary (see the module docstring)."""
+
+
+def unknown_id(tokenizer) -> int | None:
+  """The id a tokenizer gives text outside its vocabulary; None when it has none (bytes cover all text)."""
+  unk = getattr(tokenizer, "unk_id", None)
+  if isinstance(unk, int):
+    return unk
+  processor = getattr(tokenizer, "processor", None)          # SentencePiece
+  if processor is not None:
+    return processor.unk_id() if processor.unk_id() >= 0 else None
+  backend = getattr(tokenizer, "backend", None)              # Hugging Face tokenizers
+  name = getattr(getattr(backend, "model", None), "unk_token", None)
+  return backend.token_to_id(name) if name else None
 
 
 class SegmentScorer:
@@ -70,29 +95,55 @@ class SegmentScorer:
 
 
 def corpus_perplexity(model: EvalModel, paths: Sequence[str], *, text_field: str = "text",
-                      txt_split: str = "file", max_documents: int | None = None,
-                      progress: bool = True) -> dict:
+                      txt_split: str = "file", on_error: str = "fail", max_documents: int | None = None,
+                      max_unknown: float = DEFAULT_MAX_UNKNOWN, progress: bool = True) -> dict:
   """Perplexity of local text under `model`: exp(total NLL / predicted tokens).
 
+  Args:
+    model: the loaded model.
+    paths: files, directories or globs (`corpora.CorpusConfig.paths`).
+    text_field, txt_split, on_error: how to read them (`corpora.CorpusConfig`).
+    max_documents: read at most this many documents (None = all).
+    max_unknown: the largest share of unknown-token ids scored (1.0 = any).
+    progress: show a tqdm bar over segments.
+
   Returns:
-    {"perplexity", "nll" (mean per token), "tokens" (predicted), "documents"}.
+    {"perplexity", "nll" (mean per token), "tokens" (predicted), "documents", "unknown_tokens",
+    "unknown_share" (of the documents' tokens; 0 for a tokenizer without an unknown id), "skipped"
+    ({reason: count} of documents skipped with `on_error="skip"`, and empty ones)}.
   Raises:
-    FileNotFoundError / corpora.CorpusError: missing or malformed corpus files.
+    FileNotFoundError / corpora.CorpusError: missing or malformed corpus files (the messages name the
+      corpus options: `corpus.paths`, `corpus.on_error`, ...).
+    UnknownTokensError: more than `max_unknown` of the tokens are the unknown id (message names
+      `max_unknown`).
   """
-  config = corpora.CorpusConfig(tuple(paths), txt_split=txt_split, text_field=text_field)
-  scorer = SegmentScorer(model.cfg, model.variables)
+  config = corpora.CorpusConfig(tuple(paths), txt_split=txt_split, text_field=text_field, on_error=on_error)
+  stats = corpora.CorpusStats()
   tok = model.tokenizer
+  unk = unknown_id(tok)
+  encoded = []
+  for text in corpora.iter_documents(config, stats):
+    encoded.append(tok.encode(text))
+    if max_documents and len(encoded) >= max_documents:
+      break
+  text_tokens = sum(len(ids) for ids in encoded)
+  unknown = 0 if unk is None else sum(ids.count(unk) for ids in encoded)
+  share = unknown / max(text_tokens, 1)
+  if share > max_unknown:
+    raise UnknownTokensError(
+        f"{unknown} of the {text_tokens} tokens of {list(paths)} ({share:.1%}) are the tokenizer's unknown "
+        f"id (text outside its vocabulary), more than max_unknown={max_unknown:g}: their perplexity would "
+        "mostly measure how often unknown words occur. Evaluate a model whose tokenizer covers this text, "
+        "or raise max_unknown (1 = score anyway).")
+  scorer = SegmentScorer(model.cfg, model.variables)
   total_nll = total_tokens = 0.0
-  documents = 0
   bar = tqdm(desc=f"perplexity {model.name}", unit="segment", disable=not progress)
-  for text in corpora.iter_documents(config):
-    ids = np.asarray([tok.encode(text) + [tok.eos_id]], np.int32)
-    nll, count = scorer(ids, np.ones(ids.shape, np.float32), on_segment=lambda: bar.update(1))
+  for ids in encoded:
+    row = np.asarray([ids + [tok.eos_id]], np.int32)
+    nll, count = scorer(row, np.ones(row.shape, np.float32), on_segment=lambda: bar.update(1))
     total_nll += float(nll[0])
     total_tokens += float(count[0])
-    documents += 1
-    if max_documents and documents >= max_documents:
-      break
   bar.close()
   mean = total_nll / max(total_tokens, 1.0)
-  return {"perplexity": math.exp(mean), "nll": mean, "tokens": int(total_tokens), "documents": documents}
+  return {"perplexity": math.exp(mean), "nll": mean, "tokens": int(total_tokens), "documents": len(encoded),
+          "unknown_tokens": unknown, "unknown_share": share, "skipped": dict(stats.skipped)}

@@ -108,22 +108,31 @@ def write_json(data: dict, path: str | pathlib.Path) -> None:
 
 def heatmap(reports: Sequence[ModelReport], tasks: Sequence[str], lengths: Sequence[str],
             path: str | pathlib.Path) -> None:
-  """One task x length accuracy heatmap per model, side by side, annotated with the values (%)."""
+  """One task x length accuracy heatmap per model, side by side, annotated with the values (%).
+
+  The panels share the task axis, labelled once on the left; each panel is wide enough for its cells and
+  its title (the model name), and the figure is laid out (`constrained`) so that no label overlaps another
+  panel or leaves the image, with any number of models.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   n = len(reports)
-  fig, axes = plt.subplots(1, n, figsize=(1.0 + 0.8 * len(lengths) * n + 1.0, 0.5 * len(tasks) + 1.8),
-                           squeeze=False)
+  longest_name = max(len(r.name) for r in reports)
+  # Inches: a cell holds "100" and a "128k*" tick; a title of ~11 characters per inch at 10 pt.
+  panel_width = max(0.6 * len(lengths), 0.1 * longest_name + 0.2, 1.4)
+  fig, axes = plt.subplots(1, n, sharey=True, squeeze=False, layout="constrained",
+                           figsize=(0.8 + panel_width * n + 1.1, 0.45 * len(tasks) + 1.6))
   image = None
-  for ax, report in zip(axes[0], reports):
+  for k, (ax, report) in enumerate(zip(axes[0], reports)):
     matrix = accuracy_matrix(report, tasks, lengths) * 100
     image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis", aspect="auto")
     cut = set(truncated_lengths(report))
     ax.set_xticks(range(len(lengths)), [n + ("*" if n in cut else "") for n in lengths])
     ax.set_yticks(range(len(tasks)), list(tasks))
-    ax.set_title(report.name)
+    ax.tick_params(axis="y", labelleft=k == 0)
+    ax.set_title(report.name, fontsize=10)
     ax.set_xlabel("context length")
     for i in range(len(tasks)):
       for j in range(len(lengths)):

@@ -18,6 +18,8 @@ epoch drops up to n-1 different rows).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import pathlib
 import re
@@ -31,6 +33,9 @@ from lm2_jax.train.config import CheckpointConfig, ConfigError
 from lm2_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+# How long a failed restore waits for the reads it started to finish (they finish or fail quickly).
+_DRAIN_TIMEOUT_S = 60.0
 
 
 class Checkpointer:
@@ -47,7 +52,21 @@ class Checkpointer:
         max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._closed = False
     self._unreadable: set[int] = set()  # steps `restore` could not read
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    # Leaving on an error too: the saves under way finish, and the caller still sees its own error.
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if exc_type is None:
+        raise
+      log.warning("closing the checkpointer of %s after an error failed too: %s: %s", self.directory,
+                  type(e).__name__, e)
 
   def steps(self) -> list[int]:
     """Finished checkpoint steps, oldest first."""
@@ -112,7 +131,8 @@ class Checkpointer:
       if data_iter is not None and not reposition:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        with _draining_event_loops():
+          restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         # Anything from a truncated file to a missing item: this step is unusable, the older may not be.
         self._unreadable.add(step)
@@ -128,8 +148,49 @@ class Checkpointer:
     return None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for every started save, then stops Orbax's background threads; a second call does nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its unfinished tasks finish before it closes.
+
+  Orbax runs a restore in a fresh event loop and closes that loop as soon as one array fails to load; the
+  reads it started for the other arrays are still in flight in TensorStore's threads, and each completion
+  then calls into the closed loop: one "RuntimeError: Event loop is closed" traceback per array, printed
+  long after the failure was handled. Waiting for those reads here (they finish or fail quickly) ends the
+  restore attempt with nothing left running.
+  """
+
+  def close(self) -> None:
+    if not self.is_closed() and not self.is_running():
+      pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+      if pending:
+        self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """Event loops created inside (Orbax makes one per restore) drain their tasks before closing."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def _position_iterator(data_iter: Any, step: int) -> None:

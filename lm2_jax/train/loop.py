@@ -13,6 +13,7 @@ so they agree on stopping (an all-gather of the flag) at logging and checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -34,8 +35,9 @@ from lm2_jax.train import metrics as metrics_lib
 from lm2_jax.train import optimizer as opt_lib
 from lm2_jax.train import state as state_lib
 from lm2_jax.train import step as step_lib
+from lm2_jax.train import validate
 from lm2_jax.train import warm_start
-from lm2_jax.train.config import ConfigError, RunConfig, save_config
+from lm2_jax.train.config import RunConfig, save_config
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +84,6 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def _check_batch_layout(cfg: RunConfig, mesh) -> None:
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = cfg.train.micro_batches
-  if cfg.train.batch_size % (shards * micro):
-    raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data*fsdp "
-                      f"({shards}) * train.micro_batches ({micro}) so every micro-batch splits evenly")
-
-
 def _compare_dir(cfg: RunConfig) -> pathlib.Path | None:
   if cfg.compare_to:
     return pathlib.Path(cfg.compare_to)
@@ -112,31 +106,49 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
 
   Returns:
     RunResult; `diverged` runs leave the newest good checkpoint in place.
+
+  Raises:
+    ConfigError: a config that cannot run (`validate`), raised before any step and before anything is
+      written but the data cache.
   """
+  model_cfg = cfg.model_config()
+  validate.check_config(cfg)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  validate.check_batch_layout(cfg, mesh)
+  run_dir = cfg.run_dir
+  if sources is None:
+    sources = inputs_lib.make_sources(cfg.data, model_cfg.segment_length, model_cfg.vocab_size,
+                                      cache_dir=run_dir / "cache")
+  validate.check_eval_set(cfg, sources[1])
+  # Every exit path, errors included, finishes the checkpoint saves under way and closes what was opened.
+  with contextlib.ExitStack() as cleanup:
+    return _train(cfg, model_cfg, mesh, sources, cleanup, stop_requested=stop_requested, echo=echo,
+                  reshard_data=reshard_data)
+
+
+def _train(cfg: RunConfig, model_cfg, mesh, sources, cleanup: contextlib.ExitStack, *,
+           stop_requested: Callable[[int], bool] | None, echo: Callable[[str], None],
+           reshard_data: bool) -> RunResult:
+  """The body of `train` on a validated config; what it opens is closed by `cleanup`."""
   run_dir = cfg.run_dir
   run_dir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
     save_config(cfg, run_dir / "config.yaml")
-  model_cfg = cfg.model_config()
   from lm2_jax.model import LM2, model_flops_per_token  # pylint: disable=g-import-not-at-top
 
   model = LM2(model_cfg)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  _check_batch_layout(cfg, mesh)
   seq_len = cfg.data.num_segments * model_cfg.segment_length
-
-  if sources is None:
-    sources = inputs_lib.make_sources(cfg.data, model_cfg.segment_length, model_cfg.vocab_size,
-                                      cache_dir=run_dir / "cache")
   train_source, eval_source = sources
   train_iter = inputs_lib.train_iterator(train_source, cfg.data, cfg.train.batch_size, cfg.data.seed)
+  if getattr(train_iter, "close", None) is not None:
+    cleanup.callback(train_iter.close)
 
   tx = opt_lib.make_optimizer(cfg.train)
   schedule = opt_lib.make_schedule(cfg.train)
   init_shape = (mesh.shape["data"] * mesh.shape["fsdp"], seq_len)
   abstract, shardings = state_lib.abstract_state(model, tx, mesh, init_shape, cfg.train.seed)
-  checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint) \
+  checkpointer = cleanup.enter_context(ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)) \
       if cfg.checkpoint.enabled else None
   restored = checkpointer.restore(abstract, train_iter, reshard_data=reshard_data) \
       if checkpointer else None
@@ -171,7 +183,9 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
   peak = cfg.logging.peak_flops or metrics_lib.measure_peak_flops()
   flops_per_step = model_flops_per_token(model_cfg, seq_len) * cfg.train.batch_size * seq_len
   peak_total = metrics_lib.total_peak_flops(peak)
-  writer = metrics_lib.MetricsWriter(run_dir, cfg.logging.tensorboard, enabled=is_main)
+  # Steps after `start` are about to be run (again): their rows from an earlier attempt go.
+  writer = cleanup.enter_context(
+      metrics_lib.MetricsWriter(run_dir, cfg.logging.tensorboard, enabled=is_main, start_step=start))
   progress = metrics_lib.Progress(cfg.train.steps, start, enabled=cfg.logging.progress and is_main)
   config_dict = cfg.to_dict()
   stop = _StopFlag()
@@ -273,12 +287,6 @@ def train(cfg: RunConfig, *, sources=None, stop_requested: Callable[[int], bool]
       echo(eval_lib.comparison_table(reports))
   else:
     echo(message)
-  if checkpointer is not None:
-    checkpointer.close()
-  writer.close()
-  train_iter_close = getattr(train_iter, "close", None)
-  if train_iter_close is not None:
-    train_iter_close()
   return RunResult(status=status, step=step_done, run_dir=run_dir, final_eval=final, message=message)
 
 

@@ -15,18 +15,32 @@ import tqdm
 class MetricsWriter:
   """Appends one JSON line per (step, split) to `<run_dir>/metrics.jsonl` and mirrors it to TensorBoard.
 
-  A resumed run appends to the same files, so the history of a run survives restarts.
+  A resumed run writes to the same files, so the history of a run survives restarts, and every step is
+  in it once: a run that (re)starts at `start_step` drops the rows of later steps, which an earlier attempt
+  wrote before it stopped or fell back to an older checkpoint, and a `final_eval` row at `start_step`
+  (rewritten when that run ends there); TensorBoard purges those steps' events likewise.
   """
 
-  def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool = True, enabled: bool = True,
+               start_step: int = 0):
     self.path = pathlib.Path(run_dir) / "metrics.jsonl"
     self.enabled = enabled
-    self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # pylint: disable=consider-using-with
-    self._tb = None
-    if enabled and tensorboard:
+    self._file = self._tb = None
+    if not enabled:
+      return
+    _truncate(self.path, start_step)
+    self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
-      self._tb = tensorboardX.SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+      self._tb = tensorboardX.SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"),
+                                            purge_step=start_step + 1)
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def write(self, step: int, metrics: dict, split: str = "train") -> None:
     if not self.enabled:
@@ -43,8 +57,30 @@ class MetricsWriter:
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
+      self._file = None
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+
+
+def _truncate(path: pathlib.Path, start_step: int) -> None:
+  """Drops the rows of `path` past `start_step` and its final_eval row at `start_step` (atomically)."""
+  if not path.is_file():
+    return
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+      step, split = int(row["step"]), row.get("split")
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut short by a killed run
+    if step < start_step or (step == start_step and split != "final_eval"):
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if keep != lines:
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text("".join(keep), encoding="utf-8")
+    scratch.replace(path)
 
 
 def read_metrics(run_dir: str | pathlib.Path, split: str | None = None) -> list[dict]:
