@@ -1,5 +1,6 @@
 """`eval.py recall`: a recall run's held-out rows rebuilt with k x its segments, scored through the model."""
 
+import dataclasses
 import json
 import shutil
 
@@ -55,7 +56,7 @@ def test_cli_writes_the_table_and_refuses_other_runs(recall_run, tmp_path, capsy
                    "--out", str(tmp_path)]) == 0
   data = json.loads((tmp_path / "recall_lengths.json").read_text())
   assert set(data["recall"]) == {"1", "2"}
-  assert "| recall | 2x | 6 |" in (tmp_path / "recall_lengths.md").read_text()
+  assert "| recall | 2x | 6 | 4 |" in (tmp_path / "recall_lengths.md").read_text()
   text_run = tmp_path / "text"
   shutil.copytree(run_dir, text_run)
   for saved in (text_run / "checkpoints").glob("*/config"):
@@ -64,3 +65,12 @@ def test_cli_writes_the_table_and_refuses_other_runs(recall_run, tmp_path, capsy
   (text_run / "config.yaml").write_text(config.replace("kind: recall", "kind: text"))
   assert cli.main(["recall", "--run", str(text_run)]) == 2
   assert "data.kind: recall" in capsys.readouterr().err
+
+
+def test_pairs_replaces_the_facts_per_segment(recall_run):
+  cfg, run_dir = recall_run
+  source = recall_eval.rows_at_length(cfg.data, 8, 1, rows=4)
+  more = recall_eval.rows_at_length(dataclasses.replace(cfg.data, recall_pairs=3), 8, 1, rows=4)
+  assert (more[0]["inputs"][:16] > 1).sum() > (source[0]["inputs"][:16] > 1).sum()
+  result = recall_eval.evaluate_lengths(run_dir, [1], rows=8, batch_size=8, pairs=3)
+  assert result[1]["pairs"] == 3 * (cfg.data.num_segments - 1)

@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
   rc.add_argument("--lengths", default="1,4,16", help="comma-separated segment multipliers")
   rc.add_argument("--rows", type=int, default=512, help="held-out rows per length")
   rc.add_argument("--batch-size", type=int, default=32)
+  rc.add_argument("--pairs", type=int, default=None,
+                  help="facts per context segment (default: the run's data.recall_pairs)")
   rc.add_argument("--out", default=None, help="output directory (default: <first run>/eval)")
   return parser
 
@@ -270,7 +272,10 @@ def run_recall(args) -> int:
     raise UsageError(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 1,4,16") from None
   if not lengths or min(lengths) < 1 or args.rows < 1 or args.batch_size < 1:
     raise UsageError("--lengths, --rows and --batch-size must be positive")
-  results = {pathlib.Path(run).name: recall_eval.evaluate_lengths(run, lengths, args.rows, args.batch_size)
+  if args.pairs is not None and args.pairs < 1:
+    raise UsageError("--pairs must be positive")
+  results = {pathlib.Path(run).name: recall_eval.evaluate_lengths(run, lengths, args.rows, args.batch_size,
+                                                                  args.pairs)
              for run in args.run}
   table = recall_eval.length_table(results)
   print(table)

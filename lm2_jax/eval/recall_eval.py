@@ -11,6 +11,7 @@ whole row instead.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Sequence
 
@@ -55,9 +56,14 @@ def rows_at_length(data: config_lib.DataConfig, segment_length: int, multiplier:
 
 
 def evaluate_lengths(path: str | pathlib.Path, multipliers: Sequence[int], rows: int = 512,
-                     batch_size: int = 32) -> dict[int, dict]:
-  """{k: the `train.evaluate.evaluate` result on rows of k x the trained segments} for one run."""
+                     batch_size: int = 32, pairs: int | None = None) -> dict[int, dict]:
+  """{k: the `train.evaluate.evaluate` result on rows of k x the trained segments} for one run.
+
+  `pairs` replaces the run's pairs per context segment (how many facts the memory must hold).
+  """
   cfg, variables, data = load_recall_run(path)
+  if pairs is not None:
+    data = dataclasses.replace(data, recall_pairs=pairs)
   model = LM2(cfg)
 
   @jax.jit
@@ -76,6 +82,7 @@ def evaluate_lengths(path: str | pathlib.Path, multipliers: Sequence[int], rows:
       batches.append({key: np.stack([r[key] for r in items]) for key in items[0]})
     result = eval_lib.evaluate(lambda b: eval_fn(jax.tree.map(jnp.asarray, model_inputs(b))), batches)
     result["segments"] = data.num_segments * k
+    result["pairs"] = data.recall_pairs * (data.recall_fact_segments or data.num_segments - 1)
     result["chance"] = 1.0 / data.recall_values
     out[k] = result
   return out
@@ -83,12 +90,12 @@ def evaluate_lengths(path: str | pathlib.Path, multipliers: Sequence[int], rows:
 
 def length_table(results: dict[str, dict[int, dict]]) -> str:
   """Answer accuracy (overwritten / not) per run and length multiplier, as Markdown."""
-  lines = ["| run | length | segments | accuracy | overwritten | not overwritten | chance |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| run | length | segments | facts | accuracy | overwritten | not overwritten | chance |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, by_k in results.items():
     for k, r in by_k.items():
       def f(key):
         return f"{r[key]:.3f}" if r.get(key) is not None else ""
-      lines.append(f"| {name} | {k}x | {r['segments']} | {f('answer_accuracy')} | "
+      lines.append(f"| {name} | {k}x | {r['segments']} | {r['pairs']} | {f('answer_accuracy')} | "
                    f"{f('accuracy_overwritten')} | {f('accuracy_not_overwritten')} | {f('chance')} |")
   return "\n".join(lines)
