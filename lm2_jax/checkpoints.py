@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import yaml
 
+from lm2_jax import yaml_io
 from lm2_jax.model import LM2, ModelConfig
 from lm2_jax.typing import PyTree
 
@@ -75,19 +75,7 @@ def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None
 
 def _read_yaml(path: pathlib.Path) -> dict:
   """The top-level mapping of a run's config.yaml ({} when empty); CheckpointError names the file."""
-  try:
-    text = path.read_text()
-  except OSError as e:
-    raise CheckpointError(f"cannot read config file {path}: {e}") from e
-  try:
-    data = yaml.safe_load(text)
-  except yaml.YAMLError as e:
-    raise CheckpointError(f"{path}: invalid YAML: {e}") from e
-  if data is None:
-    return {}
-  if not isinstance(data, dict):
-    raise CheckpointError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-  return data
+  return yaml_io.read_mapping(path, CheckpointError)
 
 
 def run_config(step_dir: pathlib.Path, run_dir: pathlib.Path | None) -> tuple[dict, str]:

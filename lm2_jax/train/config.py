@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from lm2_jax import yaml_io
+
 
 class ConfigError(ValueError):
   """A run configuration that cannot be used; the message names the file and/or dotted key."""
@@ -284,19 +286,7 @@ def _build(cls, data: Any, prefix: str):
 
 def read_yaml(path: pathlib.Path) -> dict:
   """The top-level mapping of a YAML file ({} for an empty file); ConfigError names the file and why."""
-  try:
-    text = path.read_text()
-  except OSError as e:
-    raise ConfigError(f"cannot read config file {path}: {e}") from e
-  try:
-    data = yaml.safe_load(text)
-  except yaml.YAMLError as e:
-    raise ConfigError(f"{path}: invalid YAML: {e}") from e
-  if data is None:
-    return {}
-  if not isinstance(data, dict):
-    raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-  return data
+  return yaml_io.read_mapping(path, ConfigError)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
