@@ -21,4 +21,4 @@ for s in "${sweeps[@]}"; do
   echo "## $s"; grep -E "^\[|runs," "/tmp/$s.out"; python3 -m lm2_jax.sweep "configs/sweep/$s.yaml" --table $common "$@" | tail -n +2
 done | tee "$OUT/tables.md"
 tar czf "$OUT/runs.tgz" $(find runs -name final_eval.json -o -name metrics.jsonl -o -name sweep.log) 2>/dev/null
-tail -5 runs/*/*/sweep.log | tail -60
+for f in runs/*/*/sweep.log; do echo "== $f"; tail -n 3 "$f"; done | tail -n 80
