@@ -133,14 +133,23 @@ def abstract_batch(batch_size: int, seq_len: int, num_segments: int, mesh: Mesh,
   return batch
 
 
-def compile_train_step(train_step: Callable, state_shardings: TrainState, abstract_state: TrainState,
-                       batch: dict, mesh: Mesh):
-  """Jits `train_step` once (explicit shardings, donated state) and compiles it for `batch`'s shapes."""
+def lower_train_step(train_step: Callable, state_shardings: TrainState, abstract_state: TrainState,
+                     batch: dict, mesh: Mesh):
+  """Jits `train_step` once (explicit shardings, donated state) and lowers it for `batch`'s shapes.
+
+  `lm2_jax.aot` compiles the result for a TPU slice that is not attached (ahead of time).
+  """
   in_batch = jax.tree.map(lambda x: x.sharding, batch)
   jitted = jax.jit(train_step, in_shardings=(state_shardings, in_batch),
                    out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-    return jitted.lower(abstract_state, batch).compile()
+    return jitted.lower(abstract_state, batch)
+
+
+def compile_train_step(train_step: Callable, state_shardings: TrainState, abstract_state: TrainState,
+                       batch: dict, mesh: Mesh):
+  """`lower_train_step`, compiled."""
+  return lower_train_step(train_step, state_shardings, abstract_state, batch, mesh).compile()
 
 
 def compile_eval_step(eval_step: Callable, params_shardings: PyTree, abstract_params: PyTree,
