@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import yaml
 
 _CHOICES = {
+    "memory_kind": ("lm2", "rmt"),
     "memory_init": ("identity", "learned", "zeros"),
     "memory_flow": ("chained", "per_block"),
     "memory_write": ("tokens", "slots", "keyed"),
@@ -33,6 +34,10 @@ class ModelConfig:
     tie_embeddings: the LM head reuses the embedding table.
     segment_length: T, tokens per segment; inputs are C*T tokens.
     use_memory: false gives a plain Llama with no memory parameters at all.
+    memory_kind: "lm2" (a gated memory bank in the first `memory_layers` blocks) or "rmt" (the Recurrent
+      Memory Transformer baseline, `lm2_jax.model.rmt`: `num_slots` memory tokens read at each segment's
+      start and written at its end, their final hidden states the carry; the bank's init is
+      `memory_init`, and the LM2 memory module's knobs are unused).
     memory_layers: memory in the first k blocks (paper Fig. 5); None = every block.
     num_slots: M. memory_heads: Nm heads of the memory cross-attention (width D / Nm).
     read_topk: keep the k largest read scores per query (None = dense read).
@@ -53,6 +58,10 @@ class ModelConfig:
       legacy key `write_softmax` is read as `memory_write`.
     memory_match_threshold: "keyed" write: the cosine between a token's key and a slot's key above
       which the token rewrites that slot instead of taking the emptiest one.
+    memory_match_center: "keyed" write: compare keys after subtracting the segment's mean token key
+      (the component every token shares, which at init puts a whole segment into one slot).
+    memory_write_gate: "keyed" write: a learned per-token scalar write strength s_t in (0, 1) scales
+      the token's rewrite, so a token can leave the bank as it is (e.g. the "." after a fact).
     memory_init: "identity" (rows of the identity, needs M <= D), "learned" or "zeros".
     memory_flow: "chained" (one bank, writes chained through the blocks) or "per_block".
     bptt_segments: stop gradients through the memory carry every k segments (0 = full BPTT).
@@ -79,6 +88,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   segment_length: int = 64
   use_memory: bool = True
+  memory_kind: str = "lm2"
   memory_layers: int | None = None
   num_slots: int = 16
   memory_heads: int = 1
@@ -90,6 +100,8 @@ class ModelConfig:
   memory_norm: bool = False
   memory_write: str = "tokens"
   memory_match_threshold: float = 0.5
+  memory_match_center: bool = False
+  memory_write_gate: bool = False
   memory_score_scale: float = 1.0
   memory_keys: str = "content"
   memory_init: str = "identity"
@@ -151,9 +163,16 @@ class ModelConfig:
         raise ValueError("ModelConfig.memory_write='keyed' finds a new key's slot as the emptiest one "
                          "and matches the slots' content keys: it needs memory_init: zeros and "
                          f"memory_keys: content, got {self.memory_init!r} and {self.memory_keys!r}")
+      if self.memory_write != "keyed" and (self.memory_match_center or self.memory_write_gate):
+        raise ValueError("ModelConfig.memory_match_center and memory_write_gate are options of "
+                         f"memory_write: keyed, got memory_write={self.memory_write!r}")
       if self.memory_write == "keyed" and self.memory_match_threshold <= 0:
         raise ValueError("ModelConfig.memory_match_threshold must be > 0 with memory_write='keyed' "
                          "(an empty slot's key has cosine 0 with every token)")
+      if self.memory_kind == "rmt" and (self.memory_flow != "chained" or self.memory_layers is not None):
+        raise ValueError("ModelConfig.memory_kind='rmt' carries one [B, M, D] set of memory tokens through "
+                         "the whole stack: it needs memory_flow: chained and memory_layers: null, got "
+                         f"{self.memory_flow!r} and {self.memory_layers!r}")
       if self.attention == "full":
         raise ValueError("ModelConfig.attention='full' is the memory-less long-context baseline: "
                          "set use_memory: false, or use attention: segment with memory")
@@ -165,10 +184,15 @@ class ModelConfig:
 
   @property
   def num_memory_layers(self) -> int:
-    """How many of the first blocks hold memory (0 without memory)."""
-    if not self.use_memory:
+    """How many of the first blocks hold an LM2 memory module (0 without memory, and with RMT)."""
+    if not self.use_memory or self.memory_kind == "rmt":
       return 0
     return self.num_layers if self.memory_layers is None else self.memory_layers
+
+  @property
+  def num_memory_tokens(self) -> int:
+    """m, the RMT memory tokens read and written around each segment (0 unless memory_kind is rmt)."""
+    return self.num_slots if self.use_memory and self.memory_kind == "rmt" else 0
 
   @property
   def memory_head_dim(self) -> int:
