@@ -4,7 +4,9 @@ Full segments run through the jitted segment forward (`LM2.__call__` on T tokens
 memory), so a context of C segments costs C segment steps and constant device memory. Tokens of an
 unfinished segment run through `LM2.decode` against a KV cache; when the segment fills, the memory is
 written from it (one segment forward over its T tokens) and the cache restarts (DESIGN.md §2). The
-host tracks the position in the segment, so every jitted call has static shapes.
+host tracks the position in the segment, so every jitted call has static shapes. With RMT
+(`memory_kind: rmt`) each layer's cache holds m + T entries: the read memory tokens' keys and values
+(`rmt.read_cache`, filled when a segment's first token arrives) and then the segment's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from lm2_jax.model.config import ModelConfig
 from lm2_jax.model.layout import unstack_layers
+from lm2_jax.model import rmt
 from lm2_jax.model.lm2 import LM2
 from lm2_jax.typing import Array
 
@@ -28,7 +31,8 @@ class DecodeState:
 
   Attributes:
     memory: the carry at the current segment's start (None without memory).
-    cache: per layer (keys, values) [B, T, K, H] of the current segment.
+    cache: per layer (keys, values) [B, T, K, H] of the current segment ([B, m+T, K, H] with RMT: the
+      read memory tokens first).
     tokens: int32 [B, T] tokens of the current segment so far (the write needs them).
     valid: bool [B, T] real tokens among them.
     bound: int32 [B, T] their bound tokens (-1: none; `LM2.__call__`'s bound channel).
@@ -69,6 +73,7 @@ class Decoder:
       self.segment_length = self.cfg.segment_length
     self._segment = jax.jit(self._segment_fn)
     self._chunk = jax.jit(self._chunk_fn)
+    self._read_cache = jax.jit(self._read_cache_fn)
 
   def _segment_fn(self, variables, tokens, memory, valid, bound):
     return self.model.apply(variables, tokens, memory=memory, valid=valid, bound=bound)
@@ -77,11 +82,14 @@ class Decoder:
     return self.model.apply(variables, tokens, memory, cache, cache_valid, index, bound,
                             method=LM2.decode)
 
+  def _read_cache_fn(self, variables, memory, cache):
+    return self.model.apply(variables, memory, cache, method=rmt.read_cache)
+
   def init_state(self, batch_size: int) -> DecodeState:
     """An empty stream: initial memory, empty cache."""
     cfg, t = self.cfg, self.segment_length
     memory = self.model.apply(self.variables, batch_size, method=LM2.initial_memory)
-    shape = (batch_size, t, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, t + cfg.num_memory_tokens, cfg.num_kv_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     cache = tuple((zeros, zeros) for _ in range(cfg.num_layers))
     return DecodeState(memory, cache, jnp.zeros((batch_size, t), jnp.int32),
@@ -117,7 +125,10 @@ class Decoder:
     seg_tokens = state.tokens.at[:, i:i + n].set(tokens)
     seg_valid = state.valid.at[:, i:i + n].set(valid)
     seg_bound = state.bound.at[:, i:i + n].set(bound)
-    logits, cache = self._chunk(self.variables, tokens, state.memory, state.cache, seg_valid,
+    cache = state.cache
+    if i == 0 and self.cfg.num_memory_tokens:
+      cache = self._read_cache(self.variables, state.memory, cache)
+    logits, cache = self._chunk(self.variables, tokens, state.memory, cache, seg_valid,
                                 jnp.int32(i), bound)
     state = dataclasses.replace(state, cache=cache, tokens=seg_tokens, valid=seg_valid,
                                 bound=seg_bound, length=i + n, position=state.position + n)

@@ -9,6 +9,7 @@ the next segment's memory. So a token only sees memory built from earlier segmen
     stats, memory = LM2(cfg).apply(variables, tokens, targets, loss_mask, method=LM2.loss)
 
 `loss` computes per-row cross-entropy sums inside the segment scan, so [B, C*T, V] logits never exist.
+With `memory_kind: rmt` the same scan carries RMT memory tokens instead (`lm2_jax.model.rmt`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm2_jax.model import rmt
 from lm2_jax.model.block import SegmentContext, block_class
 from lm2_jax.model.config import ModelConfig
 from lm2_jax.model.layers import Einsum, RMSNorm, constrain, normal_init
@@ -146,8 +148,9 @@ class LM2(nn.Module):
     Args:
       tokens: int32 [B, n] at segment positions index..index+n-1.
       memory: the carry at the segment's start (read only; the write happens when the segment closes).
-      cache: per layer a (keys, values) pair [B, T, K, H].
-      cache_valid: [B, T] real tokens in the cache including these n.
+      cache: per layer a (keys, values) pair [B, T, K, H] ([B, m+T, K, H] with RMT, the first m filled
+        by `rmt.read_cache`).
+      cache_valid: [B, T] real tokens of the segment in the cache including these n.
       index: int32 scalar segment position of the first token.
       bound: int32 [B, n] or None: as in `__call__`.
     Returns:
@@ -157,6 +160,11 @@ class LM2(nn.Module):
     if cfg.scan_layers:
       raise ValueError("LM2.decode needs scan_layers=false; use lm2_jax.model.decode.Decoder")
     x = self._embed(tokens, None, bound)
+    m = cfg.num_memory_tokens
+    if m:
+      # RMT: the read tokens fill cache entries 0..m-1 (`rmt.read_cache`); segment position i is m + i.
+      index = index + m
+      cache_valid = jnp.concatenate([jnp.ones((x.shape[0], m), bool), cache_valid], axis=1)
     new_cache = []
     for i in range(cfg.num_layers):
       bank = None
@@ -228,6 +236,8 @@ class LM2(nn.Module):
         cut = (xs["index"] > 0) & (xs["index"] % cfg.bptt_segments == 0)
         memory = jnp.where(cut, jax.lax.stop_gradient(memory), memory)
       memory = constrain(memory, MEMORY_AXES if memory.ndim == 3 else (None, *MEMORY_AXES))
+    if cfg.num_memory_tokens:
+      return rmt.run_segment(self, memory, xs)
     t = xs["x"].shape[1]
     x, memory = self._blocks(xs["x"], memory, xs["valid"], jnp.arange(t))
     return memory, self.final_norm(x)
