@@ -20,6 +20,13 @@ That is `memory_write: tokens`; `slots` routes each token over the slots with th
     slot = argmax_m k_t.K_m  if max_m k_t.K_m > memory_match_threshold,  else argmin_m |mem_m|^2
     mem_slot' = sigmoid(u_t W_f + b_f) * mem_slot + c_t                (every other slot unchanged)
 
+Two options refine the keyed write. `memory_match_center` compares keys after subtracting the segment's
+mean token key m (k_t = unit(key(c_t) - m), K_m = unit(key(mem_m) - m), never-written slots excluded from
+matching): at init every token of a deep block shares one direction (measured cosine ~0.9), which otherwise
+puts a whole segment into one slot. `memory_write_gate` scales each token's rewrite by a learned scalar
+s_t = sigmoid(h_t w_s + b_s): mem_slot' = mem_slot + s_t (f_t mem_slot + c_t - mem_slot), so a token that
+carries no fact (the "." after "Mary went to the kitchen") can leave the bank as it is.
+
 So a token whose key matches a stored key rewrites that slot (a reassigned key replaces its old value, as
 the keys a reader matches are these same keys), and a new key takes the emptiest slot (a zero bank's
 slots first, `memory_init: zeros`). The read is unchanged: attention over the stored slots' keys. The
@@ -96,6 +103,21 @@ class Gate(nn.Module):
     return jax.nn.sigmoid(z.astype(jnp.float32) + bias.astype(jnp.float32)[None, None, :])
 
 
+class WriteStrength(nn.Module):
+  """The keyed write's per-token scalar strength sigmoid(h w + b) [B, T] (float32) for h [B, T, D]."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    cfg = self.cfg
+    kernel = param_with_axes(self, "kernel", normal_init(cfg), (cfg.d_model,), ("embed",),
+                             cfg.weight_dtype)
+    bias = param_with_axes(self, "bias", nn.initializers.zeros, (), (), cfg.weight_dtype)
+    z = jnp.einsum("BTD,D->BT", h, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    return jax.nn.sigmoid(z + bias.astype(jnp.float32))
+
+
 class Memory(nn.Module):
   """Reads a memory bank into a segment and writes the segment into a bank."""
 
@@ -115,6 +137,8 @@ class Memory(nn.Module):
       self.in_gate = Gate(cfg, 0.0)
     if cfg.forget_gate:
       self.forget_gate = Gate(cfg, cfg.forget_bias_init)
+    if cfg.memory_write_gate:
+      self.write_strength = WriteStrength(cfg)
     if cfg.memory_keys != "content":
       self.slot_address = param_with_axes(self, "slot_address", nn.initializers.normal(1.0),
                                           (cfg.num_slots, d), ("slots", "embed"), cfg.weight_dtype)
@@ -219,18 +243,36 @@ class Memory(nn.Module):
     content = g_in * jnp.tanh(u.astype(jnp.float32))    # [B, T, D] float32
     kernel = nn.unbox(self.key.variables["params"]["kernel"]).astype(dt)  # [D, Nm, H]
 
-    def unit_key(x):
-      """unit(key(x)) for rows x [..., D] (float32): the direction of the slot key a read would match
-      (`memory_norm` rescales a row, which leaves it unchanged), heads flattened."""
+    def raw_key(x):
+      """key(x) for rows x [..., D], heads flattened [..., E] (float32)."""
       k = jnp.einsum("...D,DNH->...NH", x.astype(dt), kernel, preferred_element_type=jnp.float32)
-      k = k.reshape(*k.shape[:-2], -1)
+      return k.reshape(*k.shape[:-2], -1)
+
+    vmask = valid.astype(jnp.float32)                    # [B, T]
+    if cfg.memory_match_center:
+      token_keys = raw_key(content)
+      center = jnp.einsum("BT,BTE->BE", vmask, token_keys) / jnp.maximum(
+          jnp.sum(vmask, axis=1), 1.0)[:, None]          # the segment's mean token key [B, E]
+    else:
+      center = None
+
+    def unit_key(x, lead: int):
+      """The direction of key(x) (minus the segment's mean key with centring), x [B, *lead, D]: the
+      slot key a read would match (`memory_norm` rescales a row, which leaves it unchanged)."""
+      k = raw_key(x)
+      if center is not None:
+        k = k - center.reshape(center.shape[:1] + (1,) * lead + center.shape[1:])
       return k * jax.lax.rsqrt(jnp.sum(k * k, axis=-1, keepdims=True) + KEY_EPS)
 
     def step(carry, xs):
       bank, keys = carry                                 # [B, M, D], [B, M, E] unit keys
-      c_t, k_t, f_t, valid_t = xs                        # [B, D], [B, E], [B, D], [B]
+      c_t, k_t, f_t, s_t = xs                            # [B, D], [B, E], [B, D], [B] strength * valid
       match = jnp.einsum("BE,BME->BM", k_t, keys)
-      fresh = jax.nn.one_hot(jnp.argmin(jnp.sum(bank * bank, axis=-1), axis=-1), cfg.num_slots)
+      fill = jnp.sum(bank * bank, axis=-1)               # [B, M]
+      if center is not None:
+        # A never-written slot's centred key (-m) means nothing: only written slots can match.
+        match = jnp.where(fill > 0, match, -1.0)
+      fresh = jax.nn.one_hot(jnp.argmin(fill, axis=-1), cfg.num_slots)
       # Options: each slot (score: the match) or the emptiest slot (score: the threshold).
       logits = MATCH_SHARPNESS * jnp.concatenate(
           [match, jnp.full(match.shape[:1] + (1,), cfg.memory_match_threshold)], axis=-1)
@@ -240,17 +282,24 @@ class Memory(nn.Module):
       pick = pick[:, :-1] + pick[:, -1:] * fresh         # the hard choice, one-hot [B, M]
       # Straight-through: the forward writes the hard choice; the backward sees the softmax, so the keys
       # learn which slot a token should have rewritten.
-      route = (pick + soft - jax.lax.stop_gradient(soft)) * valid_t[:, None]
+      route = (pick + soft - jax.lax.stop_gradient(soft)) * s_t[:, None]
       bank = bank + route[..., None] * (f_t[:, None, :] * bank + c_t[:, None, :] - bank)
       row = jnp.einsum("BM,BMD->BD", pick, bank)         # the rewritten slot
-      keys = keys + (pick * valid_t[:, None])[..., None] * (unit_key(row)[:, None, :] - keys)
+      moved = (pick * (s_t > 0)[:, None])[..., None]
+      keys = keys + moved * (unit_key(row, 0)[:, None, :] - keys)
       return (bank, keys), route
 
     prev = prev_bank.astype(jnp.float32)
-    xs = (content, unit_key(content), g_f.astype(jnp.float32), valid.astype(jnp.float32))
+    strength = vmask
+    if cfg.memory_write_gate:
+      s = self.write_strength(constrain(h, TOKEN_AXES))  # [B, T]
+      self.sow("intermediates", "write_strength_mean", jnp.sum(s * vmask, axis=1) / jnp.maximum(
+          jnp.sum(vmask, axis=1), 1.0))
+      strength = s * vmask
+    xs = (content, unit_key(content, 1), g_f.astype(jnp.float32), strength)
     xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), xs)  # token axis first
     # A few tokens per loop trip: on CPU the per-trip overhead, not the arithmetic, dominates this scan.
-    (bank, _), routes = jax.lax.scan(step, (prev, unit_key(prev)), xs, unroll=min(16, h.shape[1]))
+    (bank, _), routes = jax.lax.scan(step, (prev, unit_key(prev, 1)), xs, unroll=min(16, h.shape[1]))
     self.sow("intermediates", "write_routes", jnp.swapaxes(routes, 0, 1)[:, None])  # [B, 1, T, M]
     if cfg.input_gate:
       self.sow("intermediates", "input_gate_mean", jnp.mean(g_in, axis=(1, 2)))
