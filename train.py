@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
 
 
 def _train(config_path: str, overrides: list[str], reshard_data: bool) -> int:
+  from lm2_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from lm2_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from lm2_jax.train import loop  # pylint: disable=g-import-not-at-top
 
@@ -61,6 +62,15 @@ def _train(config_path: str, overrides: list[str], reshard_data: bool) -> int:
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  except ckpt_lib.CheckpointSaveError as e:
+    print(f"checkpoint error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:
+    # The run directory's own files (metrics, config, final_eval) on a full or vanished disk.
+    print(f"I/O error: {e}; metrics.jsonl keeps the rows written so far; fix the cause and rerun the "
+          f"same command to resume from the newest checkpoint in {cfg.run_dir / 'checkpoints'}",
+          file=sys.stderr)
+    return 1
   return {"completed": 0, "interrupted": 0, "diverged": 1}[result.status]
 
 

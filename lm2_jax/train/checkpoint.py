@@ -7,6 +7,13 @@ shardings of the *current* mesh, so a checkpoint written on one mesh shape resto
 latest checkpoint that cannot be read (corrupt or half-written) is reported and the previous one is used;
 when the resumed run reaches that step again, its save replaces the unreadable checkpoint.
 
+A save that fails in the background (a full disk, a vanished directory) is raised as one
+`CheckpointSaveError` by the next `save`, `wait` or `close`; Orbax writes into a temporary directory and
+renames it only when complete, so the failed step never becomes a checkpoint and the older ones stay (Orbax
+deletes the oldest only after a save succeeds). While a `Checkpointer` is open, Orbax's own error logs of
+that failure (a traceback per thread) are dropped, and its event loops finish their pending writes before
+closing, so the failure is reported once.
+
 Multi-process runs write one checkpoint together: Orbax writes each array's shards from the processes that
 hold them, and Grain writes each process's iterator position as `data/process_<i>-of-<n>.json`. Resuming
 needs the same process count `n`, or `reshard_data=True`: the model state restores onto any mesh, and the
@@ -34,8 +41,22 @@ from lm2_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-# How long a failed restore waits for the reads it started to finish (they finish or fail quickly).
+# How long a failed restore or save waits for the reads and writes it started to finish (they finish or
+# fail quickly).
 _DRAIN_TIMEOUT_S = 60.0
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the message names the step, the directory, the cause and the
+  checkpoints that remain."""
+
+
+class _DropOrbaxErrors(logging.Filter):
+  """Drops Orbax's ERROR records: each background failure logs a traceback per thread, and the
+  `Checkpointer` raises that failure itself as one CheckpointSaveError (or a restore warning)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
 class Checkpointer:
@@ -51,9 +72,20 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
         cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._closed = False
     self._unreadable: set[int] = set()  # steps `restore` could not read
+    self._started: list[int] = []        # steps whose save was started, oldest first
+    self._failed = False                 # a CheckpointSaveError was raised
+    self._log_filter = _DropOrbaxErrors()
+    logging.getLogger("absl").addFilter(self._log_filter)
+    self._previous_policy = asyncio.get_event_loop_policy()
+    # Process-wide while open: Orbax makes its event loops in background save threads too.
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except BaseException:
+      self._release_process_hooks()
+      raise
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -77,22 +109,50 @@ class Checkpointer:
     """Starts saving `state` (and the iterator position, config) as `step`; False if already saved.
 
     A step that `restore` found unreadable is deleted and written anew.
+
+    Raises:
+      CheckpointSaveError: this save, or an earlier one still finishing in the background, failed.
     """
-    if step in self._unreadable:
-      self.manager.delete(step)
-      self._unreadable.discard(step)
-    if step in self.manager.all_steps():
-      return False
-    items = {"state": ocp.args.StandardSave(state)}
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    if config is not None:
-      items["config"] = ocp.args.JsonSave(config)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._reporting_failed_saves(step):
+      if step in self._unreadable:
+        self.manager.delete(step)
+        self._unreadable.discard(step)
+      if step in self.manager.all_steps():
+        return False
+      items = {"state": ocp.args.StandardSave(state)}
+      if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      if config is not None:
+        items["config"] = ocp.args.JsonSave(config)
+      started = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self._started.append(step)
+      return started
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until every started save is on disk; CheckpointSaveError if one failed."""
+    with self._reporting_failed_saves():
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _reporting_failed_saves(self, step: int | None = None):
+    """Turns any error of a save (this one or one finishing in the background) into CheckpointSaveError."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax raises a background failure at the next call: the failed save is the newest started one
+      # that is not on disk.
+      # Orbax's own step list may already have dropped the step its failed save was to replace: read the
+      # disk, where only finished checkpoints have a plain step name.
+      kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+      failed = [s for s in self._started if s not in kept] or ([step] if step is not None else [])
+      self._failed = True
+      cause = " ".join(str(e).split())[:400] or type(e).__name__
+      raise CheckpointSaveError(
+          f"saving checkpoint step {failed[-1] if failed else '?'} in {self.directory} failed: "
+          f"{type(e).__name__}: {cause}. Checkpoints kept: "
+          f"{'steps ' + ', '.join(map(str, kept)) if kept else 'none'}; fix the cause (free disk space?) "
+          f"and rerun the same command to resume from {'step ' + str(kept[-1]) if kept else 'the start'}"
+      ) from e
 
   def data_process_count(self, step: int) -> int | None:
     """How many processes wrote `step`'s data iterator positions (None: no data item)."""
@@ -131,8 +191,7 @@ class Checkpointer:
       if data_iter is not None and not reposition:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
-        with _draining_event_loops():
-          restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         # Anything from a truncated file to a missing item: this step is unusable, the older may not be.
         self._unreadable.add(step)
@@ -148,14 +207,30 @@ class Checkpointer:
     return None
 
   def close(self) -> None:
-    """Waits for every started save, then stops Orbax's background threads; a second call does nothing."""
+    """Waits for every started save, then stops Orbax's background threads; a second call does nothing.
+
+    Raises:
+      CheckpointSaveError: a save failed that no earlier call reported.
+    """
     if self._closed:
       return
     self._closed = True
     try:
-      self.manager.wait_until_finished()
+      if self._failed:
+        # Reported already: only let the background threads end.
+        with contextlib.suppress(Exception):
+          self.manager.wait_until_finished()
+      else:
+        self.wait()
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      finally:
+        self._release_process_hooks()
+
+  def _release_process_hooks(self) -> None:
+    logging.getLogger("absl").removeFilter(self._log_filter)
+    asyncio.set_event_loop_policy(self._previous_policy)
 
 
 class _DrainingEventLoop(asyncio.SelectorEventLoop):
@@ -164,8 +239,9 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
   Orbax runs a restore in a fresh event loop and closes that loop as soon as one array fails to load; the
   reads it started for the other arrays are still in flight in TensorStore's threads, and each completion
   then calls into the closed loop: one "RuntimeError: Event loop is closed" traceback per array, printed
-  long after the failure was handled. Waiting for those reads here (they finish or fail quickly) ends the
-  restore attempt with nothing left running.
+  long after the failure was handled. A save that fails (a full disk) leaves its other writes in flight
+  the same way. Waiting for them here (they finish or fail quickly) ends the attempt with nothing left
+  running.
   """
 
   def close(self) -> None:
@@ -180,17 +256,6 @@ class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
 
   def new_event_loop(self) -> asyncio.AbstractEventLoop:
     return _DrainingEventLoop()
-
-
-@contextlib.contextmanager
-def _draining_event_loops():
-  """Event loops created inside (Orbax makes one per restore) drain their tasks before closing."""
-  previous = asyncio.get_event_loop_policy()
-  asyncio.set_event_loop_policy(_DrainingPolicy())
-  try:
-    yield
-  finally:
-    asyncio.set_event_loop_policy(previous)
 
 
 def _position_iterator(data_iter: Any, step: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 import time
@@ -10,6 +11,8 @@ import time
 import jax
 import jax.numpy as jnp
 import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -47,8 +50,11 @@ class MetricsWriter:
       return
     row = {"step": int(step), "split": split}
     row.update({k: float(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
+    except OSError as e:  # a full disk: name the file (a resume drops a row cut short here)
+      raise OSError(e.errno, e.strerror, str(self.path)) from e
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -84,9 +90,27 @@ def _truncate(path: pathlib.Path, start_step: int) -> None:
 
 
 def read_metrics(run_dir: str | pathlib.Path, split: str | None = None) -> list[dict]:
-  """The rows of a run's metrics.jsonl (optionally one split), in file order."""
+  """The rows of a run's metrics.jsonl (optionally one split), in file order.
+
+  A last line cut short (a run killed or out of disk mid-write; its resume drops it) is skipped with a
+  warning; a bad line elsewhere is a ValueError naming the file and line.
+  """
   path = pathlib.Path(run_dir) / "metrics.jsonl"
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = path.read_text(encoding="utf-8").splitlines()
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or "step" not in row or "split" not in row:
+        raise ValueError("not a metrics row")
+    except ValueError as e:
+      if number == len(lines):
+        log.warning("%s: skipped line %d, cut short (%s)", path, number, e)
+        continue
+      raise ValueError(f"{path}:{number}: not a metrics row ({e}); the file is damaged") from None
+    rows.append(row)
   return [r for r in rows if split is None or r["split"] == split]
 
 
