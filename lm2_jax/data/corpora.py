@@ -167,14 +167,18 @@ def _fail_or_skip(reason: str, message: str, config: CorpusConfig, stats: Corpus
 
 
 def _json_text(data: bytes, where: str, offset: int, config: CorpusConfig,
-               stats: CorpusStats) -> str | None:
+               stats: CorpusStats, jsonl_line: bool = False) -> str | None:
   line = _decode(data, where, offset, config, stats)
   if line is None:
     return None
   try:
     obj = json.loads(line)
   except json.JSONDecodeError as e:
-    return _fail_or_skip("bad_json", f"{where}: not JSON ({e.msg} at column {e.colno})", config, stats)
+    # A JSONL line without its line break (only a file's last can lack it): cut short while written.
+    cut = (" - the file's last line, without a line break: the file was cut short (a copy or write that "
+           "did not finish); restore the file") if jsonl_line and not data.endswith(b"\n") else ""
+    return _fail_or_skip("bad_json", f"{where}: not JSON ({e.msg} at column {e.colno}){cut}", config,
+                         stats)
   return _field(obj, config.text_field, where, config, stats)
 
 
@@ -201,7 +205,7 @@ def _read_jsonl(path: str, config: CorpusConfig, stats: CorpusStats) -> Iterator
     with opener(path, "rb") as f:
       for number, line in enumerate(f, start=1):
         if line.strip():
-          yield _json_text(line, f"{path}:{number}", offset, config, stats)
+          yield _json_text(line, f"{path}:{number}", offset, config, stats, jsonl_line=True)
         offset += len(line)
   except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError.
     _fail_or_skip("bad_file", f"{path}: unreadable after byte {offset} of its content: {e}", config, stats)

@@ -152,6 +152,8 @@ def _train(cfg: RunConfig, model_cfg, mesh, sources, cleanup: contextlib.ExitSta
       if cfg.checkpoint.enabled else None
   restored = checkpointer.restore(abstract, train_iter, reshard_data=reshard_data) \
       if checkpointer else None
+  validate.check_data_unchanged(cfg, train_source, restored[1] if restored is not None else None,
+                                write=is_main)
   if restored is not None:
     state, start = restored
     echo(f"resumed {run_dir} from step {start}")
