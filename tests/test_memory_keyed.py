@@ -15,6 +15,8 @@ from test_model_decode import _stream
 from test_model_recurrence import _three_ways
 
 KEYED = dict(memory_write="keyed", memory_init="zeros")
+# Both refinements of the keyed write on (memory_match_center, memory_write_gate).
+REFINED = dict(memory_match_center=True, memory_write_gate=True, memory_norm=True)
 
 
 def _sigmoid(x):
@@ -24,32 +26,49 @@ def _sigmoid(x):
 def reference_keyed_write(h, bank, valid, p, cfg):
   """The keyed write replayed token by token in NumPy, every slot key recomputed at every token.
 
-  h [B, T, D], bank [B, M, D], valid [B, T]; p: the Memory parameters as NumPy arrays.
+  h [B, T, D], bank [B, M, D], valid [B, T]; p: the Memory parameters as NumPy arrays. With
+  `memory_match_center` keys are compared minus the segment's mean token key and only written slots
+  match; with `memory_write_gate` each rewrite is scaled by the token's sigmoid(h w + b).
   """
   u = h @ p["update"]["kernel"]
   g_in = _sigmoid(u @ p["in_gate"]["kernel"] + p["in_gate"]["bias"])
   g_f = _sigmoid(u @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
   content = g_in * np.tanh(u)
+  strength = np.ones(valid.shape)
+  if cfg.memory_write_gate:
+    strength = _sigmoid(h @ p["write_strength"]["kernel"] + p["write_strength"]["bias"])
   wk = p["key"]["kernel"].reshape(cfg.d_model, -1)
 
-  def unit_key(x):
+  def raw_key(x):
     if cfg.memory_norm:
-      x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
-    k = x @ wk
-    return k / np.sqrt(np.sum(k * k, axis=-1, keepdims=True) + 1e-4)
+      ms = np.mean(x * x, axis=-1, keepdims=True)
+      x = np.where(ms > 0, x / np.sqrt(ms + cfg.norm_eps), x)
+    return x @ wk
 
   bank = np.array(bank, np.float64)
   slots = np.full(valid.shape, -1)
   for b in range(h.shape[0]):
+    center = 0.0
+    if cfg.memory_match_center:
+      center = raw_key(content[b, valid[b]]).mean(axis=0)
+
+    def unit_key(x):
+      k = raw_key(x) - center
+      return k / np.sqrt(np.sum(k * k, axis=-1, keepdims=True) + 1e-4)
+
     for t in range(h.shape[1]):
       if not valid[b, t]:
         continue
       match = unit_key(bank[b]) @ unit_key(content[b, t])
+      filled = np.sum(bank[b] ** 2, axis=-1) > 0
+      if cfg.memory_match_center:
+        match = np.where(filled, match, -1.0)
       if match.max() > cfg.memory_match_threshold:
         s = int(np.argmax(match))
       else:
         s = int(np.argmin(np.sum(bank[b] ** 2, axis=-1)))
-      bank[b, s] = g_f[b, t] * bank[b, s] + content[b, t]
+      new_row = g_f[b, t] * bank[b, s] + content[b, t]
+      bank[b, s] += strength[b, t] * (new_row - bank[b, s])
       slots[b, t] = s
   return bank, slots
 
@@ -60,9 +79,14 @@ def _memory(cfg, h, bank, valid, seed=0):
   return mem, nn.unbox(variables)
 
 
-@pytest.mark.parametrize("memory_norm", [False, True])
-def test_keyed_write_matches_the_numpy_replay(memory_norm):
-  cfg = tiny_config(**KEYED, memory_norm=memory_norm, init_std=0.3)
+@pytest.mark.parametrize("memory_norm,options", [
+    (False, {}), (True, {}),
+    (True, dict(memory_match_center=True)),
+    (False, dict(memory_write_gate=True)),
+    (True, dict(memory_match_center=True, memory_write_gate=True)),
+])
+def test_keyed_write_matches_the_numpy_replay(memory_norm, options):
+  cfg = tiny_config(**KEYED, **options, memory_norm=memory_norm, init_std=0.3)
   b, t, m, d = 2, cfg.segment_length, cfg.num_slots, cfg.d_model
   rng = np.random.default_rng(0)
   h = rng.normal(size=(b, t, d)).astype(np.float32)
@@ -136,17 +160,18 @@ def test_a_reassigned_key_is_overwritten_and_read_back():
   assert int(np.argmax(values)) == 3 and values[3] > 0.4 and abs(values[1]) < 1e-3
 
 
-def test_keyed_memory_is_causal_and_carries_across_segments():
-  cfg = tiny_config(**KEYED, memory_norm=True, segment_length=4)
+@pytest.mark.parametrize("options", [dict(memory_norm=True), REFINED], ids=["plain", "refined"])
+def test_keyed_memory_is_causal_and_carries_across_segments(options):
+  cfg = tiny_config(**KEYED, **options, segment_length=4)
   norms = np.abs(_jacobian(cfg)).sum(-1)
   s, t = norms.shape[0], cfg.segment_length
   assert np.all(norms[np.triu(np.ones((s, s), bool), k=1)] == 0.0)
   assert norms[t, 0] > 0 and norms[2 * t + 1, 1] > 0
 
 
-@pytest.mark.parametrize("flow", ["chained", "per_block"])
-def test_keyed_call_equals_scan_equals_loop(flow):
-  cfg = tiny_config(**KEYED, memory_flow=flow)
+@pytest.mark.parametrize("flow,options", [("chained", {}), ("per_block", {}), ("per_block", REFINED)])
+def test_keyed_call_equals_scan_equals_loop(flow, options):
+  cfg = tiny_config(**KEYED, **options, memory_flow=flow)
   model, variables, tokens = init_model(cfg, segments=4)
   (fl, fm), *others = _three_ways(model, variables, tokens, cfg.segment_length)
   assert float(jnp.abs(fm).max()) > 0, "nothing was written"
@@ -154,8 +179,9 @@ def test_keyed_call_equals_scan_equals_loop(flow):
     assert max_abs_diff(fl, logits) <= 1e-5 and max_abs_diff(fm, mem) <= 1e-5
 
 
-def test_keyed_decode_equals_full_forward():
-  cfg = tiny_config(**KEYED, memory_flow="per_block", scan_layers=True)
+@pytest.mark.parametrize("options", [{}, REFINED], ids=["plain", "refined"])
+def test_keyed_decode_equals_full_forward(options):
+  cfg = tiny_config(**KEYED, **options, memory_flow="per_block", scan_layers=True)
   model, variables, tokens = init_model(cfg, segments=3)
   full, memory = model.apply(variables, tokens)
   logits, state = _stream(Decoder(cfg, variables), tokens, (*range(1, 9), 13, 16))
@@ -163,7 +189,7 @@ def test_keyed_decode_equals_full_forward():
 
 
 def test_keyed_write_passes_gradients_to_its_gates():
-  cfg = tiny_config(**KEYED, memory_flow="per_block")
+  cfg = tiny_config(**KEYED, **REFINED, memory_flow="per_block")
   model, variables, tokens = init_model(cfg, batch=2, segments=3)
   targets = jnp.roll(tokens, -1, axis=1)
   mask = jnp.zeros(tokens.shape).at[:, -cfg.segment_length:].set(1.0)  # loss on the last segment only
@@ -173,7 +199,7 @@ def test_keyed_write_passes_gradients_to_its_gates():
     return stats.nll_sum.sum()
 
   grads = nn.unbox(jax.grad(loss)(variables["params"]))["block_0"]["memory"]
-  for name in ("update", "in_gate", "forget_gate", "key", "query", "value"):
+  for name in ("update", "in_gate", "forget_gate", "key", "query", "value", "write_strength"):
     assert float(jnp.abs(grads[name]["kernel"]).max()) > 0, name
 
 
@@ -182,6 +208,8 @@ def test_keyed_needs_a_zero_bank():
     tiny_config(memory_write="keyed")
   with pytest.raises(ValueError, match="memory_match_threshold"):
     tiny_config(**KEYED, memory_match_threshold=0.0)
+  with pytest.raises(ValueError, match="options of memory_write: keyed"):
+    tiny_config(memory_write="slots", memory_write_gate=True)
 
 
 def test_empty_slots_do_not_amplify_gradients():

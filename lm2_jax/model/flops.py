@@ -1,8 +1,8 @@
 """Model FLOPs per token, counted from the config (for MFU), memory read and write included.
 
 Convention: a multiply-add is 2 FLOPs; training = 3x forward (backward costs two forwards); attention
-counts every key of the segment (T, or the whole sequence with `attention: full`) per query, as PaLM's
-MFU does; a rematerialised forward is not counted (MFU measures useful work).
+counts every key of the segment (T, or the whole sequence with `attention: full`; T + 2m with RMT's m
+memory tokens) per query, as PaLM's MFU does; a rematerialised forward is not counted (MFU measures useful work).
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   attention = 2 * 2 * n * h * t                         # scores + weighted values
   mlp = 2 * 3 * d * f
   per_layer = projections + attention + mlp
+  head = 2 * d * v
+  r = cfg.num_memory_tokens
+  if r:
+    # RMT: every block runs the T + 2m positions of the extended segment, each attending over all of
+    # them; the head runs on the T segment tokens only. Counted per segment token.
+    extended = t + 2 * r
+    per_position = projections + 2 * 2 * n * h * extended + mlp
+    return cfg.num_layers * per_position * extended / t + head
   m = cfg.num_slots
   # Per token: query, update and output-gate projections; read scores and values; write scores (shared
   # with the read) and the write aggregation. Per segment (divided by T): the bank's key and value
@@ -31,13 +39,13 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     memory_per_token = 2 * 3 * d * d + 2 * 2 * m * d + 2 * (2 - gates_off) * d * d + 2 * 2 * d * d \
         + 2 * m * d
     memory_per_segment = 2 * 3 * m * d * d
+    memory_per_token += 2 * d * cfg.memory_write_gate  # the write strength h w_s
   else:
     memory_per_token = 2 * 3 * d * d + 2 * 2 * m * d + 2 * m * d
     memory_per_segment = 2 * (4 - gates_off) * m * d * d
   if not cfg.output_gate:
     memory_per_token -= 2 * d * d
   memory = memory_per_token + memory_per_segment / t
-  head = 2 * d * v
   return cfg.num_layers * per_layer + cfg.num_memory_layers * memory + head
 
 

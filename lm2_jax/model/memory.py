@@ -154,11 +154,15 @@ class Memory(nn.Module):
     described at `layers.TOKEN_AXES`; the same goes for the `constrain` calls at the other projections).
     """
     if self.cfg.memory_norm:
-      ms = jnp.mean(bank * bank, axis=-1, keepdims=True)
-      # An empty (all-zero) row stays zero with a unit gradient, not 1/sqrt(eps): the keyed write's
-      # routing gradient reaches empty slots, and through this norm it multiplied them by ~300.
-      bank = jnp.where(ms > 0, bank * jax.lax.rsqrt(ms + self.cfg.norm_eps), bank)
+      bank = self._rms_rows(bank)
     return constrain(bank.astype(self.cfg.compute_dtype), MEMORY_AXES)
+
+  def _rms_rows(self, x: Array) -> Array:
+    """Rows of x [..., D] divided by their RMS; an all-zero row stays zero with a unit gradient, not
+    1/sqrt(eps): the keyed write's routing gradient reaches empty slots, and through this norm it
+    multiplied them by ~300."""
+    ms = jnp.mean(x * x, axis=-1, keepdims=True)
+    return jnp.where(ms > 0, x * jax.lax.rsqrt(ms + self.cfg.norm_eps), x)
 
   def scores(self, h: Array, bank: Array) -> Array:
     """Token-slot scores [B, Nm, T, M] (float32) of inputs h [B, T, D] against a bank [B, M, D]."""
@@ -244,7 +248,10 @@ class Memory(nn.Module):
     kernel = nn.unbox(self.key.variables["params"]["kernel"]).astype(dt)  # [D, Nm, H]
 
     def raw_key(x):
-      """key(x) for rows x [..., D], heads flattened [..., E] (float32)."""
+      """key(x) for rows x [..., D] as the read computes it (RMS-normalised rows with `memory_norm`),
+      heads flattened [..., E] (float32)."""
+      if cfg.memory_norm:
+        x = self._rms_rows(x)
       k = jnp.einsum("...D,DNH->...NH", x.astype(dt), kernel, preferred_element_type=jnp.float32)
       return k.reshape(*k.shape[:-2], -1)
 
@@ -257,8 +264,7 @@ class Memory(nn.Module):
       center = None
 
     def unit_key(x, lead: int):
-      """The direction of key(x) (minus the segment's mean key with centring), x [B, *lead, D]: the
-      slot key a read would match (`memory_norm` rescales a row, which leaves it unchanged)."""
+      """The direction of key(x) (minus the segment's mean key with centring), x [B, *lead, D]."""
       k = raw_key(x)
       if center is not None:
         k = k - center.reshape(center.shape[:1] + (1,) * lead + center.shape[1:])
