@@ -15,7 +15,9 @@ from lm2_jax.convert import load_hf_llama, save_hf_llama
 from lm2_jax.eval import streaming
 from lm2_jax.model import LM2, ModelConfig
 from lm2_jax.model.decode import Decoder
+from lm2_jax.model import forward_flops_per_token
 from model_utils import init_model, max_abs_diff, tiny_config, tolerance
+from test_model_shapes import _counted_flops_per_token
 from test_model_recurrence import _three_ways
 
 TIED = pathlib.Path(__file__).parent / "fixtures" / "hf_tiny_llama_tied"
@@ -215,3 +217,13 @@ def test_backbone_is_the_llamas_so_a_hugging_face_warm_start_loads_it(tmp_path):
   for path, value in flat.items():
     np.testing.assert_array_equal(flat2[path], value, err_msg=str(path))
 
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_slots=5, scan_layers=True)])
+def test_flops_match_the_matmuls_of_the_traced_forward(overrides):
+  """flops.py's RMT count equals the dot_general FLOPs of the traced forward (every block over T + 2m
+  positions, the head over T), and exceeds the memory-less backbone's."""
+  cfg = rmt_config(**overrides)
+  expected = forward_flops_per_token(cfg, 3 * cfg.segment_length)
+  assert _counted_flops_per_token(cfg) == pytest.approx(expected, rel=1e-9)
+  assert expected > forward_flops_per_token(cfg.replace(use_memory=False), 3 * cfg.segment_length)

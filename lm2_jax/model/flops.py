@@ -2,7 +2,8 @@
 
 Convention: a multiply-add is 2 FLOPs; training = 3x forward (backward costs two forwards); attention
 counts every key of the segment (T, or the whole sequence with `attention: full`; T + 2m with RMT's m
-memory tokens) per query, as PaLM's MFU does; a rematerialised forward is not counted (MFU measures useful work).
+memory tokens) per query, as PaLM's MFU does; a rematerialised forward is not counted (MFU measures
+useful work).
 """
 
 from __future__ import annotations
