@@ -12,12 +12,15 @@ python3 -c "import jax, flax, optax, grain; print('jax', jax.__version__, 'flax'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 common="checkpoint.enabled=false logging.progress=false logging.tensorboard=false logging.peak_flops=1e12"
 t0=$(date +%s)
-for s in "${sweeps[@]}"; do
-  timeout "$limit" python3 -m lm2_jax.sweep "configs/sweep/$s.yaml" --jobs "$jobs" $common "$@" > "/tmp/$s.out" 2>&1 &
+for spec in "${sweeps[@]}"; do
+  s=${spec%%:*}; cells=(); [ "$s" != "$spec" ] && cells=(--cells "${spec#*:}")
+  timeout "$limit" python3 -m lm2_jax.sweep "configs/sweep/$s.yaml" --jobs "$jobs" "${cells[@]}" $common "$@" \
+    > "/tmp/$s.out" 2>&1 &
 done
 wait
 echo "sweeps took $(( $(date +%s) - t0 )) s"
-for s in "${sweeps[@]}"; do
+for spec in "${sweeps[@]}"; do
+  s=${spec%%:*}
   echo "## $s"; grep -E "^\[|runs," "/tmp/$s.out"; python3 -m lm2_jax.sweep "configs/sweep/$s.yaml" --table $common "$@" | tail -n +2
 done | tee "$OUT/tables.md"
 tar czf "$OUT/runs.tgz" $(find runs -name final_eval.json -o -name metrics.jsonl -o -name sweep.log) 2>/dev/null
