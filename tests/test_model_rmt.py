@@ -1,6 +1,7 @@
 """The RMT baseline (`memory_kind: rmt`): what a segment computes (a Llama over [memory, tokens, memory]),
 causality, one call == scan == loop == streaming == decoding, the carry matters, resets, padding, BPTT,
-config checks, and a Hugging Face warm start of its backbone."""
+config checks, FLOPs, a Hugging Face warm start of its backbone, and the trainer's exact resume and
+2x2x2 sharding tests run on RMT."""
 
 import pathlib
 
@@ -13,12 +14,18 @@ from flax import traverse_util
 
 from lm2_jax.convert import load_hf_llama, save_hf_llama
 from lm2_jax.eval import streaming
-from lm2_jax.model import LM2, ModelConfig
+from lm2_jax.model import LM2, ModelConfig, forward_flops_per_token
 from lm2_jax.model.decode import Decoder
-from lm2_jax.model import forward_flops_per_token
+from lm2_jax.train import config as config_lib
+from lm2_jax.train import mesh as mesh_lib
+from lm2_jax.train import optimizer as opt_lib
+from lm2_jax.train import state as state_lib
+import test_train_loop
+import test_train_sharding as ts
 from model_utils import init_model, max_abs_diff, tiny_config, tolerance
-from test_model_shapes import _counted_flops_per_token
 from test_model_recurrence import _three_ways
+from test_model_shapes import _counted_flops_per_token
+from test_train_evaluate import TINY_MODEL
 
 TIED = pathlib.Path(__file__).parent / "fixtures" / "hf_tiny_llama_tied"
 SEGMENTS = 3
@@ -227,3 +234,35 @@ def test_flops_match_the_matmuls_of_the_traced_forward(overrides):
   expected = forward_flops_per_token(cfg, 3 * cfg.segment_length)
   assert _counted_flops_per_token(cfg) == pytest.approx(expected, rel=1e-9)
   assert expected > forward_flops_per_token(cfg.replace(use_memory=False), 3 * cfg.segment_length)
+
+
+# The trainer's own tests, run on RMT: their tiny model with `memory_kind: rmt` patched in.
+RMT_MODEL = {"memory_kind": "rmt", "memory_init": "learned", "num_slots": M}
+
+
+@pytest.mark.slow
+def test_trainer_resume_is_bit_identical(tmp_path, monkeypatch):
+  base = test_train_loop.tiny_config
+
+  def rmt_run(runs_dir, name="tiny", **sections):
+    return base(runs_dir, name, model={**TINY_MODEL, **RMT_MODEL}, **sections)
+
+  monkeypatch.setattr(test_train_loop, "tiny_config", rmt_run)
+  assert rmt_run(tmp_path, "probe").model["memory_kind"] == "rmt"
+  test_train_loop.test_resume_gives_bit_identical_losses(tmp_path)
+  assert "memory_kind: rmt" in (tmp_path / "split" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_sharded_steps_on_a_2x2x2_mesh_match_one_device(monkeypatch):
+  """The trainer's 8-fake-device test on RMT: the logical-axis rules cover `memory_init` ([slots,
+  embed]: D over fsdp) and the extended segments, and a 2x2x2 mesh (the XLA miscompile's shape) gives
+  one device's losses and parameters."""
+  monkeypatch.setattr(ts, "TINY_MODEL", {**ts.TINY_MODEL, **RMT_MODEL})
+  mesh = mesh_lib.make_mesh(config_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  _, shardings = state_lib.abstract_state(LM2(ModelConfig.from_dict(ts.TINY_MODEL)),
+                                          opt_lib.make_optimizer(config_lib.TrainConfig()), mesh,
+                                          (4, ts.C * ts.T), 0)
+  assert tuple(shardings.params["memory_init"].spec) == (None, "fsdp")
+  ts.test_sharded_steps_match_one_device(ts.run_steps(config_lib.MeshConfig(data=1, num_devices=1)),
+                                         (2, 2, 2))
