@@ -146,10 +146,9 @@ class Checkpointer:
       kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
       failed = [s for s in self._started if s not in kept] or ([step] if step is not None else [])
       self._failed = True
-      cause = " ".join(str(e).split())[:400] or type(e).__name__
       raise CheckpointSaveError(
           f"saving checkpoint step {failed[-1] if failed else '?'} in {self.directory} failed: "
-          f"{type(e).__name__}: {cause}. Checkpoints kept: "
+          f"{_cause(e)}. Checkpoints kept: "
           f"{'steps ' + ', '.join(map(str, kept)) if kept else 'none'}; fix the cause (free disk space?) "
           f"and rerun the same command to resume from {'step ' + str(kept[-1]) if kept else 'the start'}"
       ) from e
@@ -231,6 +230,22 @@ class Checkpointer:
   def _release_process_hooks(self) -> None:
     logging.getLogger("absl").removeFilter(self._log_filter)
     asyncio.set_event_loop_policy(self._previous_policy)
+
+
+def _cause(error: BaseException) -> str:
+  """One line: the operating system's reason first (TensorStore reports it inside a long ValueError),
+  then the start of the error's own message."""
+  text = " ".join(str(error).split())
+  reason = None
+  cause: BaseException | None = error
+  while cause is not None and reason is None:
+    if isinstance(cause, OSError) and cause.strerror:
+      reason = f"{cause.strerror} (errno {cause.errno})"
+    cause = cause.__cause__ or cause.__context__
+  if reason is None and (m := re.search(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)):
+    reason = f"{m.group(1)} (errno {m.group(2)})"
+  detail = f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+  return f"{reason}; {detail}" if reason else detail
 
 
 class _DrainingEventLoop(asyncio.SelectorEventLoop):
