@@ -81,12 +81,20 @@ def main(argv: list[str] | None = None) -> int:
   exp.add_argument("--out", required=True, help="output directory")
   exp.add_argument("--max-shard-mb", type=int, default=2048, help="safetensors shard size (MiB)")
   args = parser.parse_args(argv)
-  if args.command == "import":
-    out = import_hf(args.hf, args.out, args.overrides)
-    print(f"wrote {out} ({MODEL_CONFIG_FILE} inside)")
-  else:
-    files = export_hf(args.checkpoint, args.out, args.max_shard_mb)
-    print(f"wrote {args.out}: {', '.join(files)}")
+  try:
+    if args.command == "import":
+      out = import_hf(args.hf, args.out, args.overrides)
+      print(f"wrote {out} ({MODEL_CONFIG_FILE} inside)")
+    else:
+      if args.max_shard_mb < 1:
+        raise ValueError(f"--max-shard-mb {args.max_shard_mb}: give a positive size in MiB")
+      files = export_hf(args.checkpoint, args.out, args.max_shard_mb)
+      print(f"wrote {args.out}: {', '.join(files)}")
+  except (ValueError, OSError) as e:
+    # Missing or malformed input directories, bad overrides (CheckpointError and ConfigError are
+    # ValueErrors), an --out that exists or cannot be written: one line, exit 2 like argparse.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -193,19 +193,11 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output JSONL file")
   args = parser.parse_args(argv)
   try:
-    tasks = parse_list(args.tasks, babi.TASKS, "tasks")
-    lengths = parse_list(args.lengths, LENGTHS, "lengths")
-  except ValueError as e:
-    raise SystemExit(str(e)) from None
-  if args.samples < 1:
-    raise SystemExit(f"--samples must be >= 1, got {args.samples}")
-  tokenizer = tokenizers.make_tokenizer(args.tokenizer_kind, args.tokenizer_path)
-  filler = (filler_lib.TextFileFiller(args.filler_files.split(",")) if args.filler_files
-            else filler_lib.TemplateFiller())
-  rows, skipped = build_set(tasks, lengths, args.samples, args.seed, tokenizer, filler, args.split)
-  with open(args.out, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row.to_json()) + "\n")
+    rows, skipped = _build_and_write(args)
+  except (ValueError, OSError, RuntimeError) as e:
+    # Bad flags, tokenizer or filler files, an --out that cannot be written: one line, exit 2 like argparse.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   for (task, length), n in skipped.items():
     counts = [r.num_tokens for r in rows if r.task == task and r.length == length]
     target = LENGTHS[length]
@@ -214,6 +206,31 @@ def main(argv=None) -> int:
     print(f"{task} {length}: {len(counts)} samples, {n} skipped, tokens min {min(counts)} mean "
           f"{np.mean(counts):.0f} max {max(counts)}{ratio}", file=sys.stderr)
   return 0
+
+
+def _build_and_write(args) -> tuple[list[BabiLongSample], dict]:
+  """Builds the set the parsed flags describe and writes it to --out; ValueError / OSError name the flag."""
+  tasks = parse_list(args.tasks, babi.TASKS, "tasks")
+  lengths = parse_list(args.lengths, LENGTHS, "lengths")
+  if args.samples < 1:
+    raise ValueError(f"--samples must be >= 1, got {args.samples}")
+  try:
+    tokenizer = tokenizers.make_tokenizer(args.tokenizer_kind, args.tokenizer_path)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"--tokenizer-kind / --tokenizer-path: {e}") from None
+  try:
+    filler = (filler_lib.TextFileFiller([f for f in args.filler_files.split(",") if f.strip()])
+              if args.filler_files else filler_lib.TemplateFiller())
+  except (ValueError, OSError) as e:
+    raise ValueError(f"--filler-files: {e}") from None
+  rows, skipped = build_set(tasks, lengths, args.samples, args.seed, tokenizer, filler, args.split)
+  try:
+    with open(args.out, "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row.to_json()) + "\n")
+  except OSError as e:
+    raise OSError(e.errno, f"--out: cannot write {args.out!r}: {e.strerror}") from None
+  return rows, skipped
 
 
 if __name__ == "__main__":
