@@ -13,7 +13,7 @@ _CHOICES = {
     "memory_kind": ("lm2", "rmt"),
     "memory_init": ("identity", "learned", "zeros"),
     "memory_flow": ("chained", "per_block"),
-    "memory_write": ("tokens", "slots", "keyed"),
+    "memory_write": ("tokens", "slots", "keyed", "delta"),
     "memory_keys": ("content", "address", "both"),
     "attention": ("segment", "full"),
     "remat": ("none", "full", "dots"),
@@ -54,7 +54,9 @@ class ModelConfig:
     memory_write: how a segment is written into the bank. "tokens" (each slot attends over the
       segment's tokens; DESIGN.md §2), "slots" (each token routes over the slots with the read's softmax;
       a slot changes with its routed mass) or "keyed" (content-addressed: token by token, a token
-      overwrites the slot whose key matches its own, else the emptiest slot; docs/design.md). The
+      overwrites the slot whose key matches its own, else the emptiest slot; docs/design.md) or "delta"
+      (the bank as a fast-weight matrix from M address dims to D values, each token rewriting what is
+      stored at its learned address with the gated update; model/delta.py). The
       legacy key `write_softmax` is read as `memory_write`.
     memory_match_threshold: "keyed" write: the cosine between a token's key and a slot's key above
       which the token rewrites that slot instead of taking the emptiest one.
@@ -163,6 +165,17 @@ class ModelConfig:
         raise ValueError("ModelConfig.memory_write='keyed' finds a new key's slot as the emptiest one "
                          "and matches the slots' content keys: it needs memory_init: zeros and "
                          f"memory_keys: content, got {self.memory_init!r} and {self.memory_keys!r}")
+      if self.memory_write == "delta":
+        clashes = {"memory_init": (self.memory_init, "zeros"), "memory_keys": (self.memory_keys, "content"),
+                   "memory_norm": (self.memory_norm, False), "memory_heads": (self.memory_heads, 1),
+                   "read_topk": (self.read_topk, None),
+                   "memory_score_scale": (self.memory_score_scale, 1.0)}
+        bad = {k: v for k, (v, want) in clashes.items() if v != want}
+        if bad:
+          raise ValueError("ModelConfig.memory_write='delta' reads and writes by learned addresses "
+                           "into a zero bank; these options belong to the attention read and must be "
+                           "memory_init: zeros, memory_keys: content, memory_norm: false, memory_heads: 1, "
+                           f"read_topk: null, memory_score_scale: 1.0; got {bad}")
       if self.memory_write != "keyed" and (self.memory_match_center or self.memory_write_gate):
         raise ValueError("ModelConfig.memory_match_center and memory_write_gate are options of "
                          f"memory_write: keyed, got memory_write={self.memory_write!r}")

@@ -33,7 +33,12 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   # with the read) and the write aggregation. Per segment (divided by T): the bank's key and value
   # projections and the two gates over the M slots.
   gates_off = (not cfg.input_gate) + (not cfg.forget_gate)
-  if cfg.memory_write == "keyed":
+  if cfg.memory_write == "delta":
+    # Per token: update, value and output-gate projections, the gates, the read and write addresses,
+    # the read (q^T mem) and the write (a^T mem, then the rank-1 update). Nothing per segment.
+    memory_per_token = 2 * 3 * d * d + 2 * (2 - gates_off) * d * d + 2 * 2 * d * m + 2 * 3 * m * d
+    memory_per_segment = 0
+  elif cfg.memory_write == "keyed":
     # Per token: the gates run on the token's update, and its content's key, the rewritten slot's key
     # and the key match over M slots replace the shared write scores. Per segment: the bank's key and
     # value projections for the read and its keys for the write.

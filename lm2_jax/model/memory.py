@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm2_jax.model import delta as delta_lib
 from lm2_jax.model.config import ModelConfig
 from lm2_jax.model.layers import NEG_INF, TOKEN_AXES, Einsum, constrain, normal_init, param_with_axes
 from lm2_jax.typing import Array
@@ -127,8 +128,13 @@ class Memory(nn.Module):
     cfg = self.cfg
     d, nm, hm = cfg.d_model, cfg.memory_heads, cfg.memory_head_dim
     head_axes = ("embed", "mem_heads", "mem_head_dim")
-    self.query = Einsum(cfg, (d, nm, hm), head_axes, "BTD,DNH->BTNH")
-    self.key = Einsum(cfg, (d, nm, hm), head_axes, "BMD,DNH->BMNH")
+    if cfg.memory_write == "delta":
+      # Addresses into the bank's M rows (delta.py): where a token writes, where it reads.
+      self.write_addr = Einsum(cfg, (d, cfg.num_slots), ("embed", "slots"), "BTD,DM->BTM")
+      self.read_addr = Einsum(cfg, (d, cfg.num_slots), ("embed", "slots"), "BTD,DM->BTM")
+    else:
+      self.query = Einsum(cfg, (d, nm, hm), head_axes, "BTD,DNH->BTNH")
+      self.key = Einsum(cfg, (d, nm, hm), head_axes, "BMD,DNH->BMNH")
     self.value = Einsum(cfg, (d, d), ("embed", "mem_embed"), "BMD,DE->BME")
     self.update = Einsum(cfg, (d, d), ("embed", "mem_embed"), "BTD,DE->BTE")
     if cfg.output_gate:
@@ -190,11 +196,44 @@ class Memory(nn.Module):
     self.sow("intermediates", "read_attention", probs)
     values = self._heads(self.value(self._bank_in(bank)))  # [B, M, Nm, H]
     e_mem = jnp.einsum("BNTM,BMNH->BTNH", probs.astype(dt), values)
-    e_mem = e_mem.reshape(*e_mem.shape[:2], cfg.d_model)
-    if not cfg.output_gate:
+    return self._gated(e_mem.reshape(*e_mem.shape[:2], cfg.d_model))
+
+  def _gated(self, e_mem: Array) -> Array:
+    """The output gate sigmoid(e W_out) * e of a read [B, T, D] (compute dtype)."""
+    if not self.cfg.output_gate:
       return e_mem
     gate = self.out_gate(constrain(e_mem, TOKEN_AXES))
-    return jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dt) * e_mem
+    return jax.nn.sigmoid(gate.astype(jnp.float32)).astype(self.cfg.compute_dtype) * e_mem
+
+  def read_bank(self, h: Array, bank: Array) -> Array:
+    """The gated read [B, T, D] of a segment's inputs h [B, T, D] from a bank [B, M, D]."""
+    if self.cfg.memory_write != "delta":
+      return self.read(self.scores(h, bank), bank)
+    address = delta_lib.unit(self.read_addr(constrain(h, TOKEN_AXES)))   # [B, T, M]
+    self.sow("intermediates", "read_attention", address[:, None])
+    rows = delta_lib.delta_read(bank, address).astype(self.cfg.compute_dtype)
+    return self._gated(self.value(constrain(rows, TOKEN_AXES)))
+
+  def _gates(self, h: Array):
+    """(content c = g_in * tanh(u), forget gate f), each [B, T, D] float32, of a segment's tokens."""
+    cfg = self.cfg
+    u = self.update(constrain(h, TOKEN_AXES))            # [B, T, D]
+    ones = jnp.ones(u.shape, jnp.float32)
+    g_in = self.in_gate(constrain(u, TOKEN_AXES)) if cfg.input_gate else ones
+    g_f = self.forget_gate(constrain(u, TOKEN_AXES)) if cfg.forget_gate else ones
+    if cfg.input_gate:
+      self.sow("intermediates", "input_gate_mean", jnp.mean(g_in, axis=(1, 2)))
+    if cfg.forget_gate:
+      self.sow("intermediates", "forget_gate_mean", jnp.mean(g_f, axis=(1, 2)))
+    return g_in * jnp.tanh(u.astype(jnp.float32)), g_f.astype(jnp.float32)
+
+  def delta_write(self, h: Array, prev_bank: Array, valid: Array) -> Array:
+    """The delta-rule write (delta.py): each token rewrites what the bank holds at its address."""
+    content, forget = self._gates(h)
+    address = delta_lib.unit(self.write_addr(constrain(h, TOKEN_AXES)))  # [B, T, M]
+    self.sow("intermediates", "write_routes", address[:, None])
+    bank = delta_lib.delta_write(prev_bank, address, content, forget, valid)
+    return constrain(bank, MEMORY_AXES)
 
   def write(self, scores: Array, h: Array, prev_bank: Array, valid: Array) -> Array:
     """The bank after the segment [B, M, D] (float32), written from the segment's real tokens.
@@ -207,6 +246,8 @@ class Memory(nn.Module):
     cfg = self.cfg
     if cfg.memory_write == "keyed":
       return self.keyed_write(h, prev_bank, valid)
+    if cfg.memory_write == "delta":
+      return self.delta_write(h, prev_bank, valid)
     dt = cfg.compute_dtype
     hu = self._heads(self.update(constrain(h, TOKEN_AXES))).astype(jnp.float32)  # [B, T, Nm, H]
     if cfg.memory_write == "tokens":
@@ -240,11 +281,7 @@ class Memory(nn.Module):
     """The content-addressed write (module docstring): a scan over the segment's tokens, in order."""
     cfg = self.cfg
     dt = cfg.compute_dtype
-    u = self.update(constrain(h, TOKEN_AXES))            # [B, T, D]
-    ones = jnp.ones(u.shape, jnp.float32)
-    g_in = self.in_gate(constrain(u, TOKEN_AXES)) if cfg.input_gate else ones
-    g_f = self.forget_gate(constrain(u, TOKEN_AXES)) if cfg.forget_gate else ones
-    content = g_in * jnp.tanh(u.astype(jnp.float32))    # [B, T, D] float32
+    content, g_f = self._gates(h)                        # [B, T, D] float32
     kernel = nn.unbox(self.key.variables["params"]["kernel"]).astype(dt)  # [D, Nm, H]
 
     def raw_key(x):
@@ -302,15 +339,11 @@ class Memory(nn.Module):
       self.sow("intermediates", "write_strength_mean", jnp.sum(s * vmask, axis=1) / jnp.maximum(
           jnp.sum(vmask, axis=1), 1.0))
       strength = s * vmask
-    xs = (content, unit_key(content, 1), g_f.astype(jnp.float32), strength)
+    xs = (content, unit_key(content, 1), g_f, strength)
     xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), xs)  # token axis first
     # A few tokens per loop trip: on CPU the per-trip overhead, not the arithmetic, dominates this scan.
     (bank, _), routes = jax.lax.scan(step, (prev, unit_key(prev, 1)), xs, unroll=min(16, h.shape[1]))
     self.sow("intermediates", "write_routes", jnp.swapaxes(routes, 0, 1)[:, None])  # [B, 1, T, M]
-    if cfg.input_gate:
-      self.sow("intermediates", "input_gate_mean", jnp.mean(g_in, axis=(1, 2)))
-    if cfg.forget_gate:
-      self.sow("intermediates", "forget_gate_mean", jnp.mean(g_f, axis=(1, 2)))
     return constrain(bank, MEMORY_AXES)
 
   def __call__(self, h: Array, read_bank: Array, prev_bank: Array, valid: Array):
@@ -324,5 +357,7 @@ class Memory(nn.Module):
     Returns:
       (read [B, T, D] in the compute dtype, to add to the residual; new bank [B, M, D] float32).
     """
+    if self.cfg.memory_write == "delta":
+      return self.read_bank(h, read_bank), self.delta_write(h, prev_bank, valid)
     scores = self.scores(h, read_bank)
     return self.read(scores, read_bank), self.write(scores, h, prev_bank, valid)
