@@ -268,10 +268,12 @@ def _build(cls, data: Any, prefix: str):
     raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
   hints = typing.get_type_hints(cls)
   fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(data) - fields)
+  unknown = sorted(map(str, set(data) - fields))   # YAML keys may be numbers, null or empty
   if unknown:
     where = f"{prefix}." if prefix else ""
-    raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+    # Quoted unless a plain name, so an empty or blank key still shows.
+    shown = [where + k if k.isidentifier() else repr(where + k) for k in unknown]
+    raise ConfigError(f"unknown key(s) {', '.join(shown)}; "
                       f"known keys of {prefix or 'the top level'}: {sorted(fields)}")
   kwargs = {}
   for name, value in data.items():
