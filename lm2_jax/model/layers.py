@@ -122,6 +122,14 @@ def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+# Self-attention over a segment of at least this many tokens is computed in CAUSAL_CHUNKS query chunks,
+# each against the keys up to its own end: the keys after it are masked for every query in the chunk, so
+# skipping them saves 1 - (n + 1) / 2n of the score and softmax work (3/8 with 4 chunks), as PyTorch's
+# causal flash kernel does. Below it the whole [T, T] block is cheaper than the extra ops.
+CAUSAL_CHUNK_MIN_LENGTH = 128
+CAUSAL_CHUNKS = 4
+
+
 def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, k_valid: Array) -> Array:
   """Causal grouped-query attention of queries over keys, softmax in float32.
 
@@ -134,14 +142,31 @@ def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, k_valid: Ar
   """
   b, t, n, h = q.shape
   kh = k.shape[2]
-  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+  # The scale goes on q ([T, N, H] values) rather than on the scores ([N, T, S]).
+  qg = (q * jnp.asarray(1.0 / h**0.5, q.dtype)).reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(h))
+  # The mask as an additive bias: its backward passes the gradient through unchanged, where a select
+  # would keep a boolean [B, K, G, T, S] residual for it.
   visible = (k_pos[None, :] <= q_pos[:, None])[None] & k_valid[:, None, :]  # [B, T, S]
-  scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+  scores = scores + jnp.where(visible, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
   return out.reshape(b, t, n, h)
+
+
+def causal_self_attend(q: Array, k: Array, v: Array, positions: Array, valid: Array) -> Array:
+  """`attend` of a segment over its own keys, in query chunks that skip the keys after them.
+
+  Exact for positions that increase along T (a segment's arange): every key after a chunk's last query
+  is invisible to the whole chunk.
+  """
+  t = q.shape[1]
+  if t < CAUSAL_CHUNK_MIN_LENGTH or t % CAUSAL_CHUNKS:
+    return attend(q, k, v, positions, positions, valid)
+  c = t // CAUSAL_CHUNKS
+  outs = [attend(q[:, i:i + c], k[:, :i + c], v[:, :i + c], positions[i:i + c], positions[:i + c],
+                 valid[:, :i + c]) for i in range(0, t, c)]
+  return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nn.Module):
@@ -176,8 +201,10 @@ class Attention(nn.Module):
     q = constrain(rope(self.q_proj(h), positions, self._inv_freq()),
                   ("activation_batch", "activation_length", "activation_heads", None))
     if kv is None:
-      kv, kv_pos, kv_valid = self.project_kv(h, positions), positions, valid
-    out = attend(q, kv[0], kv[1], positions, kv_pos, kv_valid)
+      k, v = self.project_kv(h, positions)
+      out = causal_self_attend(q, k, v, positions, valid)
+    else:
+      out = attend(q, kv[0], kv[1], positions, kv_pos, kv_valid)
     return constrain(self.o_proj(out), TOKEN_AXES)  # the XLA workaround: see TOKEN_AXES
 
 
