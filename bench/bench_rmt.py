@@ -5,7 +5,7 @@
 
 The model file (plus `key=value` ModelConfig overrides) is the LM2; its RMT twin is the same backbone with
 `memory_kind: rmt`, `num_slots` memory tokens and a learned memory init; its Llama twin has no memory.
-The trainer's compiled steps (`bench_train.compiled_step`) of the three are timed alternately in one
+The trainer's compiled steps (`bench_train.best_step_times`) of the three are timed alternately in one
 process, best of three rounds; the ratios are the figures to read on a shared machine. Each step time sits
 beside its model FLOPs per token (`lm2_jax.model.flops`), so a time ratio can be read against the work
 ratio.
@@ -13,7 +13,6 @@ ratio.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ import absl.flags
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_train import compiled_step, time_steps  # noqa: E402
+from bench.bench_train import arg_parser, best_step_times  # noqa: E402
 from lm2_jax.model import ModelConfig, model_flops_per_token  # noqa: E402
 from lm2_jax.train.config import apply_overrides  # noqa: E402
 
@@ -38,24 +37,14 @@ def twins(model_path: str, overrides: dict) -> dict[str, ModelConfig]:
 def measure(configs: dict[str, ModelConfig], batch: int, segments: int, steps: int,
             rounds: int = 3) -> dict:
   """Best seconds per train step and training FLOPs per token of each config."""
-  built = {name: compiled_step(cfg, batch, segments) for name, cfg in configs.items()}
-  best = {name: float("inf") for name in configs}
-  for _ in range(rounds):
-    for name, (state, step, device_batch) in built.items():
-      state, seconds = time_steps(state, step, device_batch, steps)
-      built[name] = (state, step, device_batch)
-      best[name] = min(best[name], seconds)
+  best = best_step_times(configs, batch, segments, steps, rounds)
   return {name: {"step_s": best[name],
                  "flops_per_token": model_flops_per_token(cfg, segments * cfg.segment_length)}
           for name, cfg in configs.items()}
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="configs/model/small.yaml")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--segments", type=int, default=4)
-  parser.add_argument("--steps", type=int, default=5)
+  parser = arg_parser(__doc__.splitlines()[0])
   parser.add_argument("overrides", nargs="*", help="ModelConfig key=value overrides of the LM2")
   args = parser.parse_args(argv)
   absl.flags.FLAGS.mark_as_parsed()

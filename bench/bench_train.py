@@ -61,11 +61,10 @@ def time_steps(state, step, batch, steps: int):
   return state, (time.perf_counter() - start) / steps
 
 
-def measure(model_path: str, batch: int, segments: int, steps: int, rounds: int = 3) -> dict:
-  """Tokens/s and MFU of the config with and without memory, timed alternately, best of `rounds`."""
-  peak = metrics_lib.total_peak_flops(metrics_lib.measure_peak_flops())
-  configs = {"with memory": ModelConfig.from_yaml(model_path, use_memory=True),
-             "without memory": ModelConfig.from_yaml(model_path, use_memory=False)}
+def best_step_times(configs: dict[str, ModelConfig], batch: int, segments: int, steps: int,
+                    rounds: int) -> dict[str, float]:
+  """Seconds per train step of each config: compiled once, timed alternately, best of `rounds` (so a
+  load that comes and goes on a shared machine weighs on all of them alike)."""
   built = {name: compiled_step(cfg, batch, segments) for name, cfg in configs.items()}
   best = {name: float("inf") for name in configs}
   for _ in range(rounds):
@@ -73,6 +72,15 @@ def measure(model_path: str, batch: int, segments: int, steps: int, rounds: int 
       state, seconds = time_steps(state, step, device_batch, steps)
       built[name] = (state, step, device_batch)
       best[name] = min(best[name], seconds)
+  return best
+
+
+def measure(model_path: str, batch: int, segments: int, steps: int, rounds: int = 3) -> dict:
+  """Tokens/s and MFU of the config with and without memory, timed alternately, best of `rounds`."""
+  peak = metrics_lib.total_peak_flops(metrics_lib.measure_peak_flops())
+  configs = {"with memory": ModelConfig.from_yaml(model_path, use_memory=True),
+             "without memory": ModelConfig.from_yaml(model_path, use_memory=False)}
+  best = best_step_times(configs, batch, segments, steps, rounds)
   out = {"peak_flops": peak}
   for name, cfg in configs.items():
     seq_len = segments * cfg.segment_length
@@ -84,13 +92,18 @@ def measure(model_path: str, batch: int, segments: int, steps: int, rounds: int 
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arg_parser(description: str) -> argparse.ArgumentParser:
+  """The options of the train-step benchmarks: model file, batch, segments, timed steps."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--model", default="configs/model/small.yaml")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--segments", type=int, default=4)
   parser.add_argument("--steps", type=int, default=5)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None):
+  args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
   absl.flags.FLAGS.mark_as_parsed()
   r = measure(args.model, args.batch, args.segments, args.steps)
   print(f"{args.model}, batch {args.batch} x {args.segments} segments, {jax.device_count()} "

@@ -20,6 +20,7 @@ from lm2_jax.train import config as config_lib
 from lm2_jax.train import mesh as mesh_lib
 from lm2_jax.train import optimizer as opt_lib
 from lm2_jax.train import state as state_lib
+import test_model_recurrence
 import test_train_loop
 import test_train_sharding as ts
 from model_utils import init_model, max_abs_diff, tiny_config, tolerance
@@ -155,17 +156,16 @@ def test_decode_and_streaming_equal_the_full_forward(cfg_kw):
   assert max_abs_diff(streamed.memory, memory) <= tolerance(cfg.dtype, memory)
 
 
-def test_reset_restarts_from_the_learned_memory_and_padding_segments_keep_the_carry():
+def test_reset_restarts_from_the_learned_memory(monkeypatch):
+  """The recurrence test of resets, on RMT (its tiny config patched to rmt_config)."""
+  monkeypatch.setattr(test_model_recurrence, "tiny_config", rmt_config)
+  test_model_recurrence.test_reset_equals_fresh_start("chained")
+
+
+def test_a_padding_segment_keeps_the_carry():
   cfg = rmt_config()
   model, variables, tokens = init_model(cfg, segments=SEGMENTS)
-  t, c = cfg.segment_length, 2
-  resets = jnp.zeros((2, SEGMENTS), bool).at[0, c].set(True)
-  logits, _ = model.apply(variables, tokens, resets=resets)
-  plain, _ = model.apply(variables, tokens)
-  fresh, _ = model.apply(variables, tokens[:, c * t:])
-  assert max_abs_diff(logits[0, c * t:], fresh[0]) <= 1e-5
-  assert max_abs_diff(logits[0, c * t:], plain[0, c * t:]) > 1e-4
-  assert max_abs_diff(logits[1], plain[1]) == 0.0
+  t = cfg.segment_length
   # An all-padding segment 1 leaves the carry of segment 0 for segment 2.
   valid = jnp.ones(tokens.shape, bool).at[:, t:2 * t].set(False)
   padded, _ = model.apply(variables, tokens, valid=valid)
