@@ -5,7 +5,9 @@ asynchronous: `save` returns once the arrays are copied off the devices, and the
 background (`wait` blocks). Restoring takes an abstract state whose ShapeDtypeStructs carry the
 shardings of the *current* mesh, so a checkpoint written on one mesh shape restores onto another. A
 latest checkpoint that cannot be read (corrupt or half-written) is reported and the previous one is used;
-when the resumed run reaches that step again, its save replaces the unreadable checkpoint.
+when the resumed run reaches that step again, its save replaces the unreadable checkpoint. Checkpoints past
+`keep` are renamed whole into `deleted/` and deleted there, so a kill never leaves a half-deleted step
+directory behind.
 
 A save that fails in the background (a full disk, a vanished directory) is raised as one
 `CheckpointSaveError` by the next `save`, `wait` or `close`; Orbax writes into a temporary directory and
@@ -30,6 +32,7 @@ import contextlib
 import logging
 import pathlib
 import re
+import shutil
 from typing import Any
 
 import grain
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 # How long a failed restore or save waits for the reads and writes it started to finish (they finish or
 # fail quickly).
 _DRAIN_TIMEOUT_S = 60.0
+
+
+# Where old checkpoints are moved, whole, before they are deleted (not a step name: restore ignores it).
+TRASH = "deleted"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -69,9 +76,11 @@ class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
     self.directory = pathlib.Path(directory).absolute()
+    # Orbax deletes an old checkpoint in place, file by file: a kill in the middle would leave a
+    # half-deleted step directory where restore looks. Renamed whole into the trash first, it never is.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True, todelete_subdir=TRASH)
     self._closed = False
     self._unreadable: set[int] = set()  # steps `restore` could not read
     self._started: list[int] = []        # steps whose save was started, oldest first
@@ -86,6 +95,7 @@ class Checkpointer:
     except BaseException:
       self._release_process_hooks()
       raise
+    self._empty_trash()
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -114,6 +124,7 @@ class Checkpointer:
       CheckpointSaveError: this save, or an earlier one still finishing in the background, failed.
     """
     with self._reporting_failed_saves(step):
+      self._empty_trash()
       if step in self._unreadable:
         self.manager.delete(step)
         self._unreadable.discard(step)
@@ -127,6 +138,13 @@ class Checkpointer:
       started = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
       self._started.append(step)
       return started
+
+  def _empty_trash(self) -> None:
+    """Deletes the checkpoints Orbax moved to the trash (process 0; one moved there meanwhile waits)."""
+    trash = self.directory / TRASH
+    if jax.process_index() == 0 and trash.is_dir():
+      for entry in trash.iterdir():
+        shutil.rmtree(entry, ignore_errors=True)
 
   def wait(self) -> None:
     """Blocks until every started save is on disk; CheckpointSaveError if one failed."""

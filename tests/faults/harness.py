@@ -177,6 +177,7 @@ class TrialResult:
 def reference(root: pathlib.Path) -> tuple[list[tuple], float]:
   """(train rows, wall seconds) of the uninterrupted run; the seconds are those of a second run, after
   the first has filled the compilation cache, as every later attempt finds it."""
+  root.mkdir(parents=True, exist_ok=True)
   config = write_config(root / "reference.yaml", experiment(root / "reference"))
   attempt = run_once(config, root / "reference.log")
   if attempt.returncode != 0:
