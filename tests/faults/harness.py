@@ -12,7 +12,8 @@ Faults:
                 written, not yet renamed), twice
   kill_restore  kill -9 inside the restore of a resumed process, twice (after a first kill that leaves a
                 checkpoint to restore)
-  cut_metrics   kill -9 at a random moment, then cut the last line of metrics.jsonl mid-row
+  cut_metrics   kill -9 at a random moment, then metrics.jsonl ending in half a row (as a kill in the
+                middle of writing it leaves)
   disk_full     the commit of a checkpoint fails with ENOSPC (on a real size-limited tmpfs where `mount`
                 is allowed, else injected at Orbax's commit write): one-line report, exit 1, previous
                 checkpoint and metrics rows kept; after the disk is freed the rerun resumes exactly
@@ -205,6 +206,7 @@ def kill_trial(root: pathlib.Path, fault: str, expected: list[tuple], wall_s: fl
       break
     events, log = root / f"events{i}.txt", root / f"attempt{i}.log"
     in_restore = fault == "kill_restore" and bool(finished_steps(run_dir))
+    began = time.time()
     proc = _start(config, log, events=events, step_delay=STEP_DELAY_S,
                   save_delay=1.0 if fault == "kill_save" else 0.0,
                   restore_delay=0.5 if in_restore else 0.0)
@@ -229,8 +231,10 @@ def kill_trial(root: pathlib.Path, fault: str, expected: list[tuple], wall_s: fl
       _cut_last_line(run_dir / "metrics.jsonl")
     result.half_written += len(half_written(run_dir))
     if not killed:
-      # Finished before the kill: the trial restarts from nothing, or its later kills hit a finished run.
+      # Finished before the kill: the trial restarts from nothing, or its later kills hit a finished run;
+      # later random kills fall within the lifetime this attempt had (the machine is faster than timed).
       shutil.rmtree(run_dir, ignore_errors=True)
+      wall_s = max(0.5, min(wall_s, log.stat().st_mtime - began))   # its last output: about its end
   final = run_once(config, root / "final.log")
   attempts.append(final)
   for i, attempt in enumerate(attempts[1:]):
@@ -252,10 +256,18 @@ def kill_trial(root: pathlib.Path, fault: str, expected: list[tuple], wall_s: fl
 
 
 def _cut_last_line(path: pathlib.Path) -> None:
-  """Drops the second half of the file's last row and its line break (a kill in the middle of a write)."""
+  """Leaves the file as a kill in the middle of writing its next row would: that row's first half.
+
+  (Cutting a row that was whole when a checkpoint after its step finished is not a kill: that row was
+  flushed before the checkpoint began, and no rerun writes it again.)
+  """
   data = path.read_bytes()
-  start = data.rstrip(b"\n").rfind(b"\n") + 1
-  path.write_bytes(data[:start + max(1, (len(data) - start) // 2)])
+  if not data.endswith(b"\n"):
+    return  # empty, or the kill itself cut a row
+  row = json.loads(data.rstrip(b"\n").rsplit(b"\n", 1)[-1])
+  row["step"] += 1
+  following = json.dumps(row).encode()
+  path.write_bytes(data + following[:len(following) // 2])
 
 
 def can_mount_tmpfs(where: pathlib.Path) -> bool:

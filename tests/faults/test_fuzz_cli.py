@@ -122,7 +122,8 @@ def test_the_config_loader_returns_a_config_or_a_config_error_naming_the_input(s
       cfg = config_lib.load_config(path, overrides)
     except config_lib.ConfigError as e:
       seen["errors"] += 1
-      assert _names_the_input(str(e), None if raw else doc, overrides, path), str(e)
+      written = yaml.safe_load(text) if raw and e.__cause__ is None else doc   # parsed, if it parses
+      assert _names_the_input(str(e), written, overrides, path), str(e)
       return
     seen["configs"] += 1
     assert isinstance(cfg, config_lib.RunConfig)
