@@ -3,7 +3,7 @@
     python bench/bench_memory_writes.py [--batch 32] [--segments 4] [--steps 5] [--rounds 3]
 
 Builds the trainer's compiled step (bench_train.compiled_step) for the default run's dims with no memory,
-`memory_write: slots` and `memory_write: keyed`, times them alternately in one process (best of
+`memory_write: slots`, `keyed` and `delta`, times them alternately in one process (best of
 `rounds`), and prints each write's step-time ratio to the memory-less step beside its FLOP ratio
 (`model_flops_per_token`): a write that runs at the backbone's efficiency has the two equal. Absolute
 times drift on a shared machine; read the ratios.
@@ -23,7 +23,8 @@ from lm2_jax.model import ModelConfig, model_flops_per_token  # noqa: E402
 DIMS = dict(vocab_size=384, d_model=128, num_layers=4, num_heads=4, mlp_dim=384, segment_length=16,
             memory_flow="per_block", memory_norm=True)
 WRITES = {"none": dict(use_memory=False), "slots": dict(memory_write="slots"),
-          "keyed": dict(memory_write="keyed", memory_init="zeros")}
+          "keyed": dict(memory_write="keyed", memory_init="zeros"),
+          "delta": dict(memory_write="delta", memory_init="zeros", memory_norm=False)}
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
-  configs = {n: ModelConfig.from_yaml("configs/model/small.yaml", **DIMS, **kw) for n, kw in WRITES.items()}
+  configs = {n: ModelConfig.from_yaml("configs/model/small.yaml", **{**DIMS, **kw}) for n, kw in WRITES.items()}
   built = {n: compiled_step(cfg, args.batch, args.segments) for n, cfg in configs.items()}
   best = {n: float("inf") for n in configs}
   for _ in range(args.rounds):
