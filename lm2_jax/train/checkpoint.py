@@ -158,10 +158,10 @@ class Checkpointer:
       yield
     except Exception as e:  # pylint: disable=broad-except
       # Orbax raises a background failure at the next call: the failed save is the newest started one
-      # that is not on disk.
-      # Orbax's own step list may already have dropped the step its failed save was to replace: read the
-      # disk, where only finished checkpoints have a plain step name.
-      kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+      # that is not on disk. Orbax's own step list may already have dropped the step that save was to
+      # replace, so the disk is read, where only finished checkpoints have a plain step name.
+      kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
+          if self.directory.is_dir() else []
       failed = [s for s in self._started if s not in kept] or ([step] if step is not None else [])
       self._failed = True
       raise CheckpointSaveError(
