@@ -174,8 +174,13 @@ def main(argv=None) -> int:
     for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
       cell, seed, run_dir = futures[future]
       rc, seconds = future.result()
-      failed += rc != 0
-      status = "ok" if rc == 0 else f"FAILED (exit {rc}; see {run_dir / 'sweep.log'})"
+      if rc == 0 and eval_lib.read_report(run_dir) is not None:
+        status = "ok"
+      elif rc == 0:  # train.py saves and exits 0 on SIGTERM (a preemption): the run is not finished
+        status = "STOPPED before its final evaluation (no final_eval.json; rerun to resume)"
+      else:
+        status = f"FAILED (exit {rc}; see {run_dir / 'sweep.log'})"
+      failed += status != "ok"
       print(f"[{done}/{len(todo)}] {cell} seed {seed}: {status} in {seconds:.0f} s", flush=True)
   print(write_table(sweep, runs))
   return 1 if failed else 0

@@ -44,6 +44,13 @@ def test_dry_run_prints_one_train_command_per_cell_and_seed(tmp_path, capsys):
   assert "model.memory_write=keyed" in lines[0] and "name=a-s0" in lines[0] and "name=b-s0" in lines[1]
 
 
+def test_a_cell_stopped_before_its_final_evaluation_is_not_ok(tmp_path, capsys, monkeypatch):
+  # train.py exits 0 after a SIGTERM save; without final_eval.json the cell is unfinished.
+  monkeypatch.setattr(sweep, "_run", lambda cmd, run_dir: (0, 1.0))
+  assert sweep.main([str(_write(tmp_path)), "--cells", "b"]) == 1
+  assert "b seed 0: STOPPED before its final evaluation" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_two_cells_run_skip_when_finished_and_tabulate_their_own_figures(tmp_path, capsys):
   path = _write(tmp_path)
