@@ -43,6 +43,12 @@ def _pytest(test_file: str, env: dict) -> tuple[int, int, str]:
   return counts.get("passed", 0), counts.get("failed", 0), proc.stdout[-3000:]
 
 
+def _row(fault: str, trials: int, uncaught) -> dict:
+  """A table row of cases that end in a message, not a resume."""
+  return {"fault": fault, "trials": trials, "injected": trials, "resumes": "-", "resumed_exactly": "-",
+          "checkpoints_lost": 0, "half_written": 0, "uncaught": uncaught}
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--trials", type=int, default=5, help="trials per kill / disk-full fault")
@@ -76,23 +82,20 @@ def main(argv: list[str] | None = None) -> int:
       else:
         result = harness.kill_trial(root, fault, expected, wall_s, random.Random(rng.random()))
       results.append(result)
-      print(f"{result.fault} trial {trial}: injected {result.injected}, exact {result.resumed_exactly}, "
+      print(f"{result.fault} trial {trial}: injected {result.injected}, resumes {result.resumes}, exact "
+            f"{result.resumed_exactly}, "
             f"lost {result.checkpoints_lost}, half-written {result.half_written}, tracebacks "
             f"{result.uncaught}{'; ' + ' | '.join(result.notes)[:500] if result.notes else ''}", flush=True)
   if "input" in faults:
     passed, failed, out = _pytest("test_faults_input.py", {})
-    extra_rows.append({"fault": "bad input at start-up / resume (cases)", "trials": passed + failed,
-                       "injected": passed + failed, "resumed_exactly": "-", "checkpoints_lost": 0,
-                       "half_written": 0, "uncaught": failed})
+    extra_rows.append(_row("bad input at start-up / resume (cases)", passed + failed, failed))
     if failed:
       print(out)
   if "fuzz" in faults and args.fuzz_examples:
     passed, failed, out = _pytest("test_fuzz_cli.py", {"LM2_FUZZ_EXAMPLES": str(args.fuzz_examples)})
     # Hypothesis stops a target at its first failure: a failed target counts one uncaught exception.
-    extra_rows.append({"fault": "fuzzed config / command lines (examples)",
-                       "trials": args.fuzz_examples * FUZZ_TARGETS, "injected": args.fuzz_examples * FUZZ_TARGETS,
-                       "resumed_exactly": "-", "checkpoints_lost": 0, "half_written": 0,
-                       "uncaught": f">= {failed}" if failed else 0})
+    extra_rows.append(_row("fuzzed config / command lines (examples)", args.fuzz_examples * FUZZ_TARGETS,
+                           f">= {failed}" if failed else 0))
     if failed:
       print(out)
   print()

@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -109,13 +110,13 @@ def run_once(config: pathlib.Path, log: pathlib.Path, **env) -> Attempt:
   return _finish(_start(config, log, **env), log, killed=False)
 
 
-def _wait_for_event(proc: subprocess.Popen, events: pathlib.Path, prefix: str, deadline: float,
-                    skip: int = 0) -> bool:
-  """True once `events` has more than `skip` lines starting with `prefix` (False: process ended)."""
+def _wait_for_event(proc: subprocess.Popen, events: pathlib.Path, pattern: str, deadline: float,
+                    count: int = 1) -> bool:
+  """True once `events` has `count` lines matching `pattern` at their start (False: the process ended)."""
   while time.time() < deadline and proc.poll() is None:
     if events.exists():
-      lines = [l for l in events.read_text().splitlines() if l.startswith(prefix)]
-      if len(lines) > skip:
+      lines = [l for l in events.read_text().splitlines() if re.match(pattern, l)]
+      if len(lines) >= count:
         return True
     time.sleep(0.01)
   return False
@@ -159,6 +160,8 @@ class TrialResult:
     fault: the fault's name (module docstring).
     injected: faults that landed (kills that hit a live process, failed saves).
     resumed_exactly: the final run's train rows equal the uninterrupted run's, steps 1..STEPS once each.
+    resumes: processes that resumed from a checkpoint (a trial whose runs all started afresh tests
+      nothing about resuming).
     checkpoints_lost: resumes that started from an older step than the newest finished checkpoint, plus
       checkpoints that were on disk before a failed save and gone after it.
     half_written: plain step directories without a commit marker, and restores that had to fall back.
@@ -168,6 +171,7 @@ class TrialResult:
 
   fault: str
   injected: int = 0
+  resumes: int = 0
   resumed_exactly: bool = False
   checkpoints_lost: int = 0
   half_written: int = 0
@@ -212,13 +216,15 @@ def kill_trial(root: pathlib.Path, fault: str, expected: list[tuple], wall_s: fl
                   restore_delay=0.5 if in_restore else 0.0)
     deadline = time.time() + ATTEMPT_TIMEOUT_S
     if fault == "kill_save":
-      ok = _wait_for_event(proc, events, "save", deadline)
+      # The commit of this process's second checkpoint (its step directory; "save -1" lines are the
+      # items'): the first is finished (Orbax waits for it), so the rerun resumes from a checkpoint.
+      ok = _wait_for_event(proc, events, r"save [1-9]", deadline, count=2)
       time.sleep(rng.uniform(0.05, 0.9))  # inside the 1 s commit window
     elif in_restore:
-      ok = _wait_for_event(proc, events, "restore", deadline)
+      ok = _wait_for_event(proc, events, r"restore", deadline)
       time.sleep(rng.uniform(0.0, 0.7))   # inside the 0.5 s delay or the restore right after it
     elif fault == "kill_restore":
-      ok = _wait_for_event(proc, events, "save 5 ", deadline)  # first leave a checkpoint to restore
+      ok = _wait_for_event(proc, events, r"save 5 ", deadline)  # first leave a checkpoint to restore
       time.sleep(0.3)
     else:
       ok = True
@@ -247,6 +253,7 @@ def kill_trial(root: pathlib.Path, fault: str, expected: list[tuple], wall_s: fl
       result.notes.append(f"attempt {i + 1} resumed from {attempt.resumed_from}, newest was {newest}")
     result.half_written += attempt.output.count("cannot be restored")
   result.uncaught = sum(uncaught(a.output) for a in attempts)
+  result.resumes = sum(a.resumed_from is not None for a in attempts)
   rows = train_rows(run_dir) if final.returncode == 0 else []
   result.resumed_exactly = final.returncode == 0 and rows == expected
   if not result.resumed_exactly:
@@ -324,6 +331,7 @@ def disk_full_trial(root: pathlib.Path, expected: list[tuple], real_disk: bool) 
       ballast.unlink()
     again = run_once(config, root / "again.log")
     result.uncaught = sum(uncaught(a.output) for a in (first, full, again))
+    result.resumes = sum(a.resumed_from is not None for a in (full, again))
     if again.resumed_from != 10:
       result.checkpoints_lost += 1
       result.notes.append(f"the rerun resumed from {again.resumed_from}, not 10")
@@ -336,13 +344,16 @@ def disk_full_trial(root: pathlib.Path, expected: list[tuple], real_disk: bool) 
 
 
 def summary(results: list[TrialResult]) -> list[dict]:
-  """One row per fault: trials, faults injected, exact resumes, checkpoints lost, half-written, tracebacks."""
+  """One row per fault: trials, faults injected, resumes, exact trials, checkpoints lost, half-written,
+  tracebacks."""
   rows = {}
   for r in results:
-    row = rows.setdefault(r.fault, {"fault": r.fault, "trials": 0, "injected": 0, "resumed_exactly": 0,
-                                    "checkpoints_lost": 0, "half_written": 0, "uncaught": 0})
+    row = rows.setdefault(r.fault, {"fault": r.fault, "trials": 0, "injected": 0, "resumes": 0,
+                                    "resumed_exactly": 0, "checkpoints_lost": 0, "half_written": 0,
+                                    "uncaught": 0})
     row["trials"] += 1
     row["injected"] += r.injected
+    row["resumes"] += r.resumes
     row["resumed_exactly"] += int(r.resumed_exactly)
     row["checkpoints_lost"] += r.checkpoints_lost
     row["half_written"] += r.half_written
@@ -351,7 +362,7 @@ def summary(results: list[TrialResult]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-  header = ("fault", "trials", "injected", "resumed_exactly", "checkpoints_lost", "half_written",
+  header = ("fault", "trials", "injected", "resumes", "resumed_exactly", "checkpoints_lost", "half_written",
             "uncaught")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]

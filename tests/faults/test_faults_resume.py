@@ -33,6 +33,7 @@ def test_kill_then_resume_ends_with_the_uninterrupted_losses(tmp_path, uninterru
   assert [r[0] for r in rows] == list(range(1, harness.STEPS + 1))
   result = harness.kill_trial(tmp_path, fault, rows, wall_s, random.Random(seed), kills=2)
   _assert_clean(result, injected=2)
+  assert result.resumes >= 1, result   # a trial that never resumed would test nothing about resuming
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_metrics(tmp_path, uninterrupted):

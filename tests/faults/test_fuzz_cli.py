@@ -60,7 +60,8 @@ YAML_KEY = st.one_of(WORD, st.integers(-2, 2), st.none(), st.booleans())   # YAM
 
 
 def _override(key: str, value) -> str:
-  return f"{key}={value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()}"
+  text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+  return f"{key}={text}"
 
 
 OVERRIDES = st.lists(st.one_of(st.builds(_override, KEY, VALUES), WORD), max_size=4)
