@@ -383,5 +383,11 @@ def load_config(path: str | pathlib.Path, overrides: list[str] = (), validate_mo
 
 
 def save_config(cfg: RunConfig, path: str | pathlib.Path) -> None:
-  """Writes the resolved config as YAML; `load_config` of that file gives back the same RunConfig."""
-  pathlib.Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  """Writes the resolved config as YAML; `load_config` of that file gives back the same RunConfig.
+
+  Written to a scratch file and renamed: a run killed meanwhile leaves the old file or the new, never half.
+  """
+  path = pathlib.Path(path)
+  scratch = path.with_name(path.name + ".tmp")
+  scratch.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  scratch.replace(path)

@@ -8,12 +8,12 @@ and tracebacks (uncaught exceptions) in the output.
 
 Faults:
   kill_random   kill -9 at a uniformly random moment of the process, twice, then resume to the end
-  kill_save     kill -9 while an asynchronous checkpoint commit is in flight (its temporary directory
-                written, not yet renamed), twice
-  kill_restore  kill -9 inside the restore of a resumed process, twice (after a first kill that leaves a
-                checkpoint to restore)
-  cut_metrics   kill -9 at a random moment, then metrics.jsonl ending in half a row (as a kill in the
-                middle of writing it leaves)
+  kill_save     kill -9 while the asynchronous commit of the process's second checkpoint is in flight (its
+                temporary directory written, not yet renamed; the first finished), twice
+  kill_restore  a first kill -9 that leaves a checkpoint, then a kill -9 inside the restore of the next
+                process
+  cut_metrics   kill -9 at a random moment after the process's first checkpoint began, then metrics.jsonl
+                ending in half a row (as a kill in the middle of writing it leaves), twice
   disk_full     the commit of a checkpoint fails with ENOSPC (on a real size-limited tmpfs where `mount`
                 is allowed, else injected at Orbax's commit write): one-line report, exit 1, previous
                 checkpoint and metrics rows kept; after the disk is freed the rerun resumes exactly
@@ -226,6 +226,10 @@ def kill_trial(root: pathlib.Path, fault: str, expected: list[tuple], wall_s: fl
     elif fault == "kill_restore":
       ok = _wait_for_event(proc, events, r"save 5 ", deadline)  # first leave a checkpoint to restore
       time.sleep(0.3)
+    elif fault == "cut_metrics":
+      # A random moment after the first checkpoint began: the resume then has rows to drop and keep.
+      ok = _wait_for_event(proc, events, r"save [1-9]", deadline)
+      time.sleep(rng.uniform(0.0, max(0.5, wall_s - (time.time() - began))))
     else:
       ok = True
       time.sleep(rng.uniform(0.3, wall_s))
