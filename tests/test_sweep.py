@@ -71,3 +71,15 @@ def test_two_cells_run_skip_when_finished_and_tabulate_their_own_figures(tmp_pat
   assert "1 finished, 1 to run" in out and "[1/1] a seed 0: ok" in out
   assert "resumed" in (runs / "a-s0" / "sweep.log").read_text()
   assert json.loads((runs / "a-s0" / "final_eval.json").read_text()) == reports["a"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweep").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_sweep_cell_is_a_valid_run_config(path):
+  # A sweep's cells start from an experiment that others inherit from (default.yaml): a change there
+  # must not leave a recorded cell with a config train.py refuses.
+  from lm2_jax.train import config as config_lib
+  runs = sweep.cell_runs(sweep.load_sweep(path), [])
+  assert runs
+  for cell, _, _, cmd in runs:
+    i = cmd.index("--config")
+    config_lib.load_config(cmd[i + 1], cmd[i + 2:]).model_config()

@@ -165,7 +165,7 @@ class ModelConfig:
         raise ValueError("ModelConfig.memory_write='keyed' finds a new key's slot as the emptiest one "
                          "and matches the slots' content keys: it needs memory_init: zeros and "
                          f"memory_keys: content, got {self.memory_init!r} and {self.memory_keys!r}")
-      if self.memory_write == "delta":
+      if self.memory_write == "delta" and self.memory_kind == "lm2":  # RMT has no LM2 bank
         clashes = {"memory_init": (self.memory_init, "zeros"), "memory_keys": (self.memory_keys, "content"),
                    "memory_norm": (self.memory_norm, False), "memory_heads": (self.memory_heads, 1),
                    "read_topk": (self.read_topk, None),
