@@ -1,9 +1,12 @@
 """Shared helpers of the model tests: tiny configs and initialised models."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm2_jax.model import LM2, ModelConfig
+from lm2_jax.model.memory import Memory
 
 TINY = "configs/model/tiny.yaml"
 
@@ -40,3 +43,32 @@ def tolerance(dtype: str, reference) -> float:
 
 def max_abs_diff(a, b) -> float:
   return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+def sigmoid(x):
+  """NumPy sigmoid, for the reference replays of the memory writes."""
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def init_memory_module(cfg: ModelConfig, h, bank, valid, seed: int = 0):
+  """(a Memory module, its unboxed variables) initialised on one segment h [B, T, D]."""
+  mem = Memory(cfg)
+  return mem, nn.unbox(mem.init(jax.random.key(seed), h, bank, bank, valid))
+
+
+def key_value_row(k: int, v: int, d: int):
+  """A hand-made token input [D]: key k one-hot in dims 0..7, value v one-hot in dims 8..15."""
+  x = np.zeros(d, np.float32)
+  x[k] = x[8 + v] = 1.0
+  return x
+
+
+def lookup_gate_params(d: int) -> dict:
+  """Hand-set Memory parameters shared by the lookup tests: value and update pass dims through (update
+  x3, so tanh saturates), the output gate is 1/2 everywhere, the input gate open and the forget gate shut:
+  a write replaces what the addressed slot held. Addressing parameters are the caller's."""
+  eye = np.eye(d, dtype=np.float32)
+  zeros = np.zeros((d, d), np.float32)
+  return {"value": {"kernel": eye}, "update": {"kernel": 3.0 * eye}, "out_gate": {"kernel": zeros},
+          "in_gate": {"kernel": zeros, "bias": np.full((d,), 20.0, np.float32)},
+          "forget_gate": {"kernel": zeros, "bias": np.full((d,), -20.0, np.float32)}}

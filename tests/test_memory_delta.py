@@ -1,6 +1,6 @@
 """The delta-rule memory (`memory_write: delta`, lm2_jax/model/delta.py): its equations against an
-independent NumPy replay, the lookup it exists for (a reassigned key is overwritten and read back), and
-the model invariants with it."""
+independent NumPy replay, the lookup it exists for (a reassigned key is overwritten and read back), its
+gradients and config checks. Causality, scan == loop and decode == forward: tests/test_memory_invariants.py."""
 
 import flax.linen as nn
 import jax
@@ -8,18 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm2_jax.model.decode import Decoder
 from lm2_jax.model.memory import Memory
-from model_utils import init_model, max_abs_diff, tiny_config
-from test_model_causality import _jacobian
-from test_model_decode import _stream
-from test_model_recurrence import _three_ways
+from model_utils import (init_memory_module, init_model, key_value_row, lookup_gate_params,
+                         max_abs_diff, sigmoid, tiny_config)
 
 DELTA = dict(memory_write="delta", memory_init="zeros", memory_heads=1, memory_norm=False)
-
-
-def _sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-x))
 
 
 def _unit(x):
@@ -34,10 +27,10 @@ def reference_delta(h, bank, valid, p):
   """
   q = _unit(h @ p["read_addr"]["kernel"])
   e = np.einsum("btm,bmd->btd", q, bank) @ p["value"]["kernel"]
-  read = _sigmoid(e @ p["out_gate"]["kernel"]) * e
+  read = sigmoid(e @ p["out_gate"]["kernel"]) * e
   u = h @ p["update"]["kernel"]
-  content = _sigmoid(u @ p["in_gate"]["kernel"] + p["in_gate"]["bias"]) * np.tanh(u)
-  forget = _sigmoid(u @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
+  content = sigmoid(u @ p["in_gate"]["kernel"] + p["in_gate"]["bias"]) * np.tanh(u)
+  forget = sigmoid(u @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
   a = _unit(h @ p["write_addr"]["kernel"])
   bank = np.array(bank, np.float64)
   for b in range(h.shape[0]):
@@ -48,12 +41,6 @@ def reference_delta(h, bank, valid, p):
   return read, bank
 
 
-def _memory(cfg, h, bank, valid, seed=0):
-  mem = Memory(cfg)
-  variables = mem.init(jax.random.key(seed), h, bank, bank, valid)
-  return mem, nn.unbox(variables)
-
-
 def test_delta_read_and_write_match_the_numpy_replay():
   cfg = tiny_config(**DELTA, init_std=0.3)
   b, t, m, d = 2, cfg.segment_length, cfg.num_slots, cfg.d_model
@@ -62,7 +49,7 @@ def test_delta_read_and_write_match_the_numpy_replay():
   bank = rng.normal(size=(b, m, d)).astype(np.float32)
   valid = np.ones((b, t), bool)
   valid[0, 0] = valid[1, 3] = valid[1, -1] = False
-  mem, variables = _memory(cfg, jnp.asarray(h), jnp.asarray(bank), jnp.asarray(valid))
+  mem, variables = init_memory_module(cfg, jnp.asarray(h), jnp.asarray(bank), jnp.asarray(valid))
   params = jax.tree.map(np.asarray, variables["params"])
   read, new_bank = mem.apply(variables, h, bank, bank, valid)
   want_read, want_bank = reference_delta(h, bank, valid, params)
@@ -72,28 +59,13 @@ def test_delta_read_and_write_match_the_numpy_replay():
 
 
 def _lookup_memory(cfg):
-  """Hand-set parameters: a token's key is dims 0..7 (its address), its value dims 8..15; the gates
-  open (write) and shut (forget), so a write replaces what is stored at its address."""
+  """Hand-set parameters: a token's key is dims 0..7 (its address), its value dims 8..15
+  (lookup_gate_params for the rest, so a write replaces what is stored at its address)."""
   d, m = cfg.d_model, cfg.num_slots
   addr = np.zeros((d, m), np.float32)
   addr[np.arange(m), np.arange(m)] = 1.0
-  eye = np.eye(d, dtype=np.float32)
-  params = {
-      "read_addr": {"kernel": addr}, "write_addr": {"kernel": addr},
-      "value": {"kernel": eye}, "update": {"kernel": 3.0 * eye},
-      "out_gate": {"kernel": np.zeros((d, d), np.float32)},
-      "in_gate": {"kernel": np.zeros((d, d), np.float32), "bias": np.full((d,), 20.0, np.float32)},
-      "forget_gate": {"kernel": np.zeros((d, d), np.float32),
-                      "bias": np.full((d,), -20.0, np.float32)},
-  }
+  params = {"read_addr": {"kernel": addr}, "write_addr": {"kernel": addr}, **lookup_gate_params(d)}
   return Memory(cfg), {"params": params}
-
-
-def _fact(k, v, d):
-  x = np.zeros(d, np.float32)
-  x[k] = 1.0
-  x[8 + v] = 1.0
-  return x
 
 
 def test_a_reassigned_key_is_overwritten_and_read_back():
@@ -103,7 +75,7 @@ def test_a_reassigned_key_is_overwritten_and_read_back():
   mem, variables = _lookup_memory(cfg)
   h = np.zeros((1, t, d), np.float32)
   for i, (k, v) in enumerate([(1, 1), (2, 2), (1, 3), (3, 4)]):   # k1 reassigned; (k3, v4) is padding
-    h[0, i] = _fact(k, v, d)
+    h[0, i] = key_value_row(k, v, d)
   valid = np.zeros((1, t), bool)
   valid[0, :3] = True
   empty = np.zeros((1, m, d), np.float32)
@@ -118,32 +90,6 @@ def test_a_reassigned_key_is_overwritten_and_read_back():
   read, _ = mem.apply(variables, query, bank[None], bank[None], np.ones((1, t), bool))
   values = np.asarray(read)[0, :2, 8:16]
   assert list(values.argmax(-1)) == [3, 2] and values[0, 3] > 0.4 and abs(values[0, 1]) < 1e-4
-
-
-def test_delta_memory_is_causal_and_carries_across_segments():
-  cfg = tiny_config(**DELTA, segment_length=4)
-  norms = np.abs(_jacobian(cfg)).sum(-1)
-  s, t = norms.shape[0], cfg.segment_length
-  assert np.all(norms[np.triu(np.ones((s, s), bool), k=1)] == 0.0)
-  assert norms[t, 0] > 0 and norms[2 * t + 1, 1] > 0
-
-
-@pytest.mark.parametrize("flow", ["chained", "per_block"])
-def test_delta_call_equals_scan_equals_loop(flow):
-  cfg = tiny_config(**DELTA, memory_flow=flow)
-  model, variables, tokens = init_model(cfg, segments=4)
-  (fl, fm), *others = _three_ways(model, variables, tokens, cfg.segment_length)
-  assert float(jnp.abs(fm).max()) > 0, "nothing was written"
-  for logits, mem in others:
-    assert max_abs_diff(fl, logits) <= 1e-5 and max_abs_diff(fm, mem) <= 1e-5
-
-
-def test_delta_decode_equals_full_forward():
-  cfg = tiny_config(**DELTA, memory_flow="per_block", scan_layers=True)
-  model, variables, tokens = init_model(cfg, segments=3)
-  full, memory = model.apply(variables, tokens)
-  logits, state = _stream(Decoder(cfg, variables), tokens, (*range(1, 9), 13, 16))
-  assert max_abs_diff(logits, full) <= 1e-5 and max_abs_diff(state.memory, memory) <= 1e-5
 
 
 def test_delta_write_passes_gradients_to_its_parameters():

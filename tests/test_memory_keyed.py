@@ -1,5 +1,6 @@
 """The keyed (content-addressed) memory write: its equations against an independent NumPy replay, the
-lookup it exists for (a reassigned key is overwritten and read back), and the model invariants with it."""
+lookup it exists for (a reassigned key is overwritten and read back), its gradients and config checks.
+Causality, scan == loop and decode == forward: tests/test_memory_invariants.py."""
 
 import flax.linen as nn
 import jax
@@ -7,20 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm2_jax.model.decode import Decoder
 from lm2_jax.model.memory import Memory
-from model_utils import init_model, max_abs_diff, tiny_config
-from test_model_causality import _jacobian
-from test_model_decode import _stream
-from test_model_recurrence import _three_ways
+from model_utils import (init_memory_module, init_model, key_value_row, lookup_gate_params,
+                         max_abs_diff, sigmoid, tiny_config)
 
 KEYED = dict(memory_write="keyed", memory_init="zeros")
 # Both refinements of the keyed write on (memory_match_center, memory_write_gate).
 REFINED = dict(memory_match_center=True, memory_write_gate=True, memory_norm=True)
-
-
-def _sigmoid(x):
-  return 1.0 / (1.0 + np.exp(-x))
 
 
 def reference_keyed_write(h, bank, valid, p, cfg):
@@ -31,12 +25,12 @@ def reference_keyed_write(h, bank, valid, p, cfg):
   match; with `memory_write_gate` each rewrite is scaled by the token's sigmoid(h w + b).
   """
   u = h @ p["update"]["kernel"]
-  g_in = _sigmoid(u @ p["in_gate"]["kernel"] + p["in_gate"]["bias"])
-  g_f = _sigmoid(u @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
+  g_in = sigmoid(u @ p["in_gate"]["kernel"] + p["in_gate"]["bias"])
+  g_f = sigmoid(u @ p["forget_gate"]["kernel"] + p["forget_gate"]["bias"])
   content = g_in * np.tanh(u)
   strength = np.ones(valid.shape)
   if cfg.memory_write_gate:
-    strength = _sigmoid(h @ p["write_strength"]["kernel"] + p["write_strength"]["bias"])
+    strength = sigmoid(h @ p["write_strength"]["kernel"] + p["write_strength"]["bias"])
   wk = p["key"]["kernel"].reshape(cfg.d_model, -1)
 
   def raw_key(x):
@@ -73,12 +67,6 @@ def reference_keyed_write(h, bank, valid, p, cfg):
   return bank, slots
 
 
-def _memory(cfg, h, bank, valid, seed=0):
-  mem = Memory(cfg)
-  variables = mem.init(jax.random.key(seed), h, bank, bank, valid)
-  return mem, nn.unbox(variables)
-
-
 @pytest.mark.parametrize("memory_norm,options", [
     (False, {}), (True, {}),
     (True, dict(memory_match_center=True)),
@@ -96,7 +84,7 @@ def test_keyed_write_matches_the_numpy_replay(memory_norm, options):
   bank[:, :3] = rng.normal(size=(b, 3, d))  # three full slots, five empty
   valid = np.ones((b, t), bool)
   valid[0, 0] = valid[1, 7] = valid[1, 2] = False
-  mem, variables = _memory(cfg, jnp.asarray(h), jnp.asarray(bank), jnp.asarray(valid))
+  mem, variables = init_memory_module(cfg, jnp.asarray(h), jnp.asarray(bank), jnp.asarray(valid))
   params = jax.tree.map(np.asarray, variables["params"])
   # Slot 4 of row 1 holds (a tenth of) what token 3 would store: a key from an earlier segment.
   bank[1, 4] = 0.1 * reference_keyed_write(h[1:, 3:4], np.zeros((1, m, d)), valid[1:, 3:4], params,
@@ -113,26 +101,12 @@ def test_keyed_write_matches_the_numpy_replay(memory_norm, options):
 
 
 def _lookup_memory(cfg):
-  """Hand-set parameters: keys are dims 0..7, values dims 8..15; gates open (write) and shut (forget)."""
+  """Hand-set parameters: keys are dims 0..7, values dims 8..15 (lookup_gate_params for the rest)."""
   d, nm, hd = cfg.d_model, cfg.memory_heads, cfg.memory_head_dim
   key = np.zeros((d, nm, hd), np.float32)
   key[np.arange(8), 0, np.arange(8)] = 1.0
-  eye = np.eye(d, dtype=np.float32)
-  params = {
-      "query": {"kernel": 40.0 * key}, "key": {"kernel": key},
-      "value": {"kernel": eye}, "update": {"kernel": 3.0 * eye},
-      "out_gate": {"kernel": np.zeros((d, d), np.float32)},
-      "in_gate": {"kernel": np.zeros((d, d), np.float32), "bias": np.full((d,), 20.0, np.float32)},
-      "forget_gate": {"kernel": np.zeros((d, d), np.float32),
-                      "bias": np.full((d,), -20.0, np.float32)},
-  }
+  params = {"query": {"kernel": 40.0 * key}, "key": {"kernel": key}, **lookup_gate_params(d)}
   return Memory(cfg), {"params": params}
-
-
-def _fact(k, v, d):
-  x = np.zeros(d, np.float32)
-  x[k] = x[8 + v] = 1.0
-  return x
 
 
 def test_a_reassigned_key_is_overwritten_and_read_back():
@@ -142,7 +116,7 @@ def test_a_reassigned_key_is_overwritten_and_read_back():
   # One segment: k1 -> v1, k2 -> v2, k1 -> v3 (a reassignment), then k3 -> v4 as padding.
   h = np.zeros((1, t, d), np.float32)
   for i, (k, v) in enumerate([(1, 1), (2, 2), (1, 3), (3, 4)]):
-    h[0, i] = _fact(k, v, d)
+    h[0, i] = key_value_row(k, v, d)
   valid = np.zeros((1, t), bool)
   valid[0, :3] = True
   empty = np.zeros((1, m, d), np.float32)
@@ -151,41 +125,13 @@ def test_a_reassigned_key_is_overwritten_and_read_back():
   full = np.flatnonzero(np.abs(bank).sum(-1) > 0)
   assert len(full) == 2, "k1's reassignment took a slot of its own, or the padding was written"
   k1_slot = full[np.argmax(bank[full, 1])]
-  np.testing.assert_allclose(bank[k1_slot], np.tanh(3 * _fact(1, 3, d)), atol=1e-6)
+  np.testing.assert_allclose(bank[k1_slot], np.tanh(3 * key_value_row(1, 3, d)), atol=1e-6)
   # The next segment asks for k1: the read returns v3 (the latest value), not v1.
   query = np.zeros((1, t, d), np.float32)
   query[0, 0, 1] = 1.0
   read, _ = mem.apply(variables, query, bank[None], bank[None], np.ones((1, t), bool))
   values = np.asarray(read)[0, 0, 8:16]
   assert int(np.argmax(values)) == 3 and values[3] > 0.4 and abs(values[1]) < 1e-3
-
-
-@pytest.mark.parametrize("options", [dict(memory_norm=True), REFINED], ids=["plain", "refined"])
-def test_keyed_memory_is_causal_and_carries_across_segments(options):
-  cfg = tiny_config(**KEYED, **options, segment_length=4)
-  norms = np.abs(_jacobian(cfg)).sum(-1)
-  s, t = norms.shape[0], cfg.segment_length
-  assert np.all(norms[np.triu(np.ones((s, s), bool), k=1)] == 0.0)
-  assert norms[t, 0] > 0 and norms[2 * t + 1, 1] > 0
-
-
-@pytest.mark.parametrize("flow,options", [("chained", {}), ("per_block", {}), ("per_block", REFINED)])
-def test_keyed_call_equals_scan_equals_loop(flow, options):
-  cfg = tiny_config(**KEYED, **options, memory_flow=flow)
-  model, variables, tokens = init_model(cfg, segments=4)
-  (fl, fm), *others = _three_ways(model, variables, tokens, cfg.segment_length)
-  assert float(jnp.abs(fm).max()) > 0, "nothing was written"
-  for logits, mem in others:
-    assert max_abs_diff(fl, logits) <= 1e-5 and max_abs_diff(fm, mem) <= 1e-5
-
-
-@pytest.mark.parametrize("options", [{}, REFINED], ids=["plain", "refined"])
-def test_keyed_decode_equals_full_forward(options):
-  cfg = tiny_config(**KEYED, **options, memory_flow="per_block", scan_layers=True)
-  model, variables, tokens = init_model(cfg, segments=3)
-  full, memory = model.apply(variables, tokens)
-  logits, state = _stream(Decoder(cfg, variables), tokens, (*range(1, 9), 13, 16))
-  assert max_abs_diff(logits, full) <= 1e-5 and max_abs_diff(state.memory, memory) <= 1e-5
 
 
 def test_keyed_write_passes_gradients_to_its_gates():
@@ -223,7 +169,7 @@ def test_empty_slots_do_not_amplify_gradients():
     bank = np.zeros((1, cfg.num_slots, cfg.d_model), np.float32)
     bank[:, :3] = rng.normal(size=(1, 3, cfg.d_model))
     valid = jnp.ones(h.shape[:2], bool)
-    mem, variables = _memory(cfg, h, jnp.asarray(bank), valid)
+    mem, variables = init_memory_module(cfg, h, jnp.asarray(bank), valid)
 
     def read_sum(b):
       read, _ = mem.apply(variables, h, b, b, valid)

@@ -88,7 +88,7 @@ class DecoderBlock(nn.Module):
     update = self.attn(h, positions, None, kv=(keys, values), kv_pos=jnp.arange(t),
                        kv_valid=cache_valid)
     if self.has_memory:
-      update = update + self.memory.read_bank(h, read_bank)
+      update = update + self.memory.read_segment(h, read_bank)
     return self._mlp(x + update), (keys, values)
 
   def _mlp(self, x: Array) -> Array:

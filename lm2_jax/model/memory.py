@@ -205,7 +205,7 @@ class Memory(nn.Module):
     gate = self.out_gate(constrain(e_mem, TOKEN_AXES))
     return jax.nn.sigmoid(gate.astype(jnp.float32)).astype(self.cfg.compute_dtype) * e_mem
 
-  def read_bank(self, h: Array, bank: Array) -> Array:
+  def read_segment(self, h: Array, bank: Array) -> Array:
     """The gated read [B, T, D] of a segment's inputs h [B, T, D] from a bank [B, M, D]."""
     if self.cfg.memory_write != "delta":
       return self.read(self.scores(h, bank), bank)
@@ -238,7 +238,8 @@ class Memory(nn.Module):
   def write(self, scores: Array, h: Array, prev_bank: Array, valid: Array) -> Array:
     """The bank after the segment [B, M, D] (float32), written from the segment's real tokens.
 
-    `memory_write: keyed` is `keyed_write`. `tokens`: each slot attends over the tokens (softmax over T) and is rewritten every
+    `memory_write: keyed` is `keyed_write` (`delta` is `delta_write`, which `__call__` calls without
+    scores). `tokens`: each slot attends over the tokens (softmax over T) and is rewritten every
     segment. `slots`: each token routes itself over the slots with the read's softmax over M (a token
     writes where it reads); a slot takes the routed tokens' mean and changes in proportion to
     1 - exp(-mass), its routed mass, so slots no token routes to keep their content.
@@ -246,8 +247,6 @@ class Memory(nn.Module):
     cfg = self.cfg
     if cfg.memory_write == "keyed":
       return self.keyed_write(h, prev_bank, valid)
-    if cfg.memory_write == "delta":
-      return self.delta_write(h, prev_bank, valid)
     dt = cfg.compute_dtype
     hu = self._heads(self.update(constrain(h, TOKEN_AXES))).astype(jnp.float32)  # [B, T, Nm, H]
     if cfg.memory_write == "tokens":
@@ -358,6 +357,6 @@ class Memory(nn.Module):
       (read [B, T, D] in the compute dtype, to add to the residual; new bank [B, M, D] float32).
     """
     if self.cfg.memory_write == "delta":
-      return self.read_bank(h, read_bank), self.delta_write(h, prev_bank, valid)
+      return self.read_segment(h, read_bank), self.delta_write(h, prev_bank, valid)
     scores = self.scores(h, read_bank)
     return self.read(scores, read_bank), self.write(scores, h, prev_bank, valid)
