@@ -72,3 +72,17 @@ def lookup_gate_params(d: int) -> dict:
   return {"value": {"kernel": eye}, "update": {"kernel": 3.0 * eye}, "out_gate": {"kernel": zeros},
           "in_gate": {"kernel": zeros, "bias": np.full((d,), 20.0, np.float32)},
           "forget_gate": {"kernel": zeros, "bias": np.full((d,), -20.0, np.float32)}}
+
+
+def first_memory_block_grads(cfg: ModelConfig) -> dict:
+  """Gradients of block 0's memory parameters for a loss on the last of 3 segments only: what reaches
+  them went through the bank written in earlier segments."""
+  model, variables, tokens = init_model(cfg, batch=2, segments=3)
+  targets = jnp.roll(tokens, -1, axis=1)
+  mask = jnp.zeros(tokens.shape).at[:, -cfg.segment_length:].set(1.0)
+
+  def loss(p):
+    stats, _ = model.apply({"params": p}, tokens, targets, mask, method="loss")
+    return stats.nll_sum.sum()
+
+  return nn.unbox(jax.grad(loss)(variables["params"]))["block_0"]["memory"]
