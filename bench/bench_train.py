@@ -1,6 +1,7 @@
 """Train-step throughput and MFU of a model config with and without memory, measured side by side.
 
-    python bench/bench_train.py [--model configs/model/small.yaml] [--batch 8] [--segments 4] [--steps 10]
+    python bench/bench_train.py [--model configs/model/small.yaml] [--batch 8] [--segments 4] [key=value ...]
+    python bench/bench_train.py --model configs/model/lm2-300m.yaml --peak-tflops 989 dtype=bfloat16   # a GPU
     python bench/bench_train.py --profile /tmp/prof [--memory on|off] [key=value ...]   # where time goes
 
 Builds the trainer's own compiled step (jit with shardings, donated state, AdamW) for the config and for
@@ -89,11 +90,18 @@ def best_step_times(configs: dict[str, ModelConfig], batch: int, segments: int, 
   return best
 
 
-def measure(model_path: str, batch: int, segments: int, steps: int, rounds: int = 3) -> dict:
-  """Tokens/s and MFU of the config with and without memory, timed alternately, best of `rounds`."""
-  peak = metrics_lib.total_peak_flops(metrics_lib.measure_peak_flops())
-  configs = {"with memory": ModelConfig.from_yaml(model_path, use_memory=True),
-             "without memory": ModelConfig.from_yaml(model_path, use_memory=False)}
+def measure(model_path: str, batch: int, segments: int, steps: int, rounds: int = 3,
+            overrides: dict | None = None) -> dict:
+  """Tokens/s and MFU of the config with and without memory, timed alternately, best of `rounds`.
+
+  MFU is over the matmul peak measured here in the model's compute dtype (an [8192, 8192] product on an
+  accelerator, [1024, 1024] on CPU)."""
+  overrides = overrides or {}
+  configs = {"with memory": ModelConfig.from_yaml(model_path, **overrides, use_memory=True),
+             "without memory": ModelConfig.from_yaml(model_path, **overrides, use_memory=False)}
+  size = 1024 if jax.devices()[0].platform == "cpu" else 8192
+  peak = metrics_lib.total_peak_flops(metrics_lib.measure_peak_flops(
+      size, dtype=configs["with memory"].compute_dtype))
   best = best_step_times(configs, batch, segments, steps, rounds)
   out = {"peak_flops": peak}
   for name, cfg in configs.items():
@@ -186,11 +194,12 @@ def main(argv=None):
   parser = arg_parser(__doc__.splitlines()[0])
   parser.add_argument("--profile", metavar="DIR", help="trace one config and print where its time goes")
   parser.add_argument("--memory", choices=("on", "off"), default="on", help="with --profile")
-  parser.add_argument("overrides", nargs="*", help="model key=value (YAML values), with --profile")
+  parser.add_argument("--peak-tflops", type=float, help="also print MFU over this datasheet peak")
+  parser.add_argument("overrides", nargs="*", help="model key=value (YAML values), e.g. dtype=bfloat16")
   args = parser.parse_args(argv)
   absl.flags.FLAGS.mark_as_parsed()
+  overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
   if args.profile:
-    overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
     cfg = ModelConfig.from_yaml(args.model, **overrides, use_memory=args.memory == "on")
     seq_len = args.segments * cfg.segment_length
     print(f"{args.model} {overrides} memory {args.memory}, batch {args.batch} x {seq_len}: XLA op time "
@@ -199,13 +208,16 @@ def main(argv=None):
       if share >= 0.005:
         print(f"  {part:<12} {kind:<15} {pass_}  {ms:8.1f} ms  {share:6.1%}")
     return
-  r = measure(args.model, args.batch, args.segments, args.steps)
-  print(f"{args.model}, batch {args.batch} x {args.segments} segments, {jax.device_count()} "
-        f"device(s) ({jax.devices()[0].platform}); measured matmul peak {r['peak_flops'] / 1e9:.1f} GFLOP/s")
+  r = measure(args.model, args.batch, args.segments, args.steps, overrides=overrides)
+  print(f"{args.model} {overrides}, batch {args.batch} x {args.segments} segments, {jax.device_count()} "
+        f"device(s) ({jax.devices()[0].device_kind}); measured matmul peak {r['peak_flops'] / 1e9:.1f} "
+        "GFLOP/s")
   for name in ("with memory", "without memory"):
     m = r[name]
+    sheet = (f"  MFU {m['mfu'] * r['peak_flops'] / (args.peak_tflops * 1e12):.3f} of "
+             f"{args.peak_tflops:g} TFLOP/s" if args.peak_tflops else "")
     print(f"  {name:<15} {m['step_s'] * 1e3:8.1f} ms/step {m['tokens_per_s']:10,.0f} tokens/s  "
-          f"MFU {m['mfu']:.3f}")
+          f"MFU {m['mfu']:.3f}{sheet}")
   print(f"  memory cost: {r['memory_cost']:.2f}x the memory-less step time, {r['flop_ratio']:.2f}x its "
         f"FLOPs ({r['memory_cost'] / r['flop_ratio']:.2f}x the FLOP share)")
 

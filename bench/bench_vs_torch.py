@@ -1,9 +1,10 @@
 """The trainer's compiled step against eager PyTorch (Hugging Face `LlamaForCausalLM`), side by side.
 
     python bench/bench_vs_torch.py [--torch-python PATH] [--sizes issue,small] [--rounds 5] [--steps 3]
+    python bench/bench_vs_torch.py --device cuda --dtype bfloat16      # on a GPU, with a CUDA jax
 
 At each size (`issue`: D 128, 4 layers, 4 heads, 4 KV heads, MLP 384, vocab 260, the dims of issue 15;
-`small`: configs/model/small.yaml's) and one batch (default 32 x 256 tokens, float32, AdamW with the
+`small`: configs/model/small.yaml's; `300m`: configs/model/lm2-300m.yaml's) and one batch (default 32 x 256 tokens, float32, AdamW with the
 trainer's defaults, global-norm clipping), three steps are timed in turn, round after round:
 
   torch    `LlamaForCausalLM` of the same backbone, eager, causal attention over all 256 tokens;
@@ -39,10 +40,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-SIZES = {
-    "issue": dict(vocab_size=260, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=384,
-                  num_slots=16, memory_heads=1),
-    "small": None,  # configs/model/small.yaml as it is
+SIZES = {  # (model file, overrides)
+    "issue": ("small.yaml", dict(vocab_size=260, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4,
+                                 mlp_dim=384, num_slots=16, memory_heads=1)),
+    "small": ("small.yaml", {}),
+    "300m": ("lm2-300m.yaml", {}),  # for a GPU: --batch 8 --seq 2048 --segment 512
 }
 INSTALL = ("PyTorch and Hugging Face transformers are needed for the reference side (they are not project "
            "dependencies). Install them into any Python 3.10+ environment, e.g.\n"
@@ -73,6 +75,8 @@ def _worker() -> None:
       start = time.perf_counter()
       for _ in range(cmd["steps"]):
         step()
+      if cmd.get("device") == "cuda":
+        torch.cuda.synchronize()
       reply = {"seconds": (time.perf_counter() - start) / cmd["steps"]}
     else:
       return
@@ -89,16 +93,21 @@ def _torch_step(torch, transformers, cmd: dict):
       num_key_value_heads=m["num_kv_heads"], max_position_embeddings=cmd["seq"],
       rms_norm_eps=m["norm_eps"], rope_theta=m["rope_theta"], tie_word_embeddings=m["tie_embeddings"],
       initializer_range=m["init_std"])
-  model = transformers.LlamaForCausalLM(config).train()
+  device = cmd.get("device", "cpu")
+  model = transformers.LlamaForCausalLM(config).train().to(device)
   adamw = torch.optim.AdamW(model.parameters(), lr=opt["learning_rate"], betas=(opt["b1"], opt["b2"]),
                             eps=opt["eps"], weight_decay=opt["weight_decay"])
   gen = torch.Generator().manual_seed(0)
-  tokens = torch.randint(0, m["vocab_size"], (cmd["batch"], cmd["seq"]), generator=gen)
+  tokens = torch.randint(0, m["vocab_size"], (cmd["batch"], cmd["seq"]), generator=gen).to(device)
   targets = torch.roll(tokens, -1, 1)
+  # bfloat16 as the JAX side runs it: float32 parameters and optimizer, bfloat16 matmuls (autocast).
+  cast = torch.autocast(device, dtype=torch.bfloat16, enabled=m["dtype"] == "bfloat16")
 
   def step():
-    logits = model(input_ids=tokens).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    with cast:
+      logits = model(input_ids=tokens).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             targets.reshape(-1))
     loss.backward()
     if opt["clip_norm"] > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), opt["clip_norm"])
@@ -134,15 +143,15 @@ class TorchWorker:
       self.proc.wait()
 
 
-def _model_configs(size: str, seq: int, segment: int):
+def _model_configs(size: str, seq: int, segment: int, dtype: str):
   """(memory-less full-attention config, LM2 config) of a size."""
   from lm2_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
-  path = os.path.join(ROOT, "configs/model/small.yaml")
-  overrides = SIZES[size] or {}
-  lm2 = ModelConfig.from_yaml(path, **overrides, use_memory=True, segment_length=segment)
+  name, overrides = SIZES[size]
+  path = os.path.join(ROOT, "configs/model", name)
+  lm2 = ModelConfig.from_yaml(path, **overrides, use_memory=True, segment_length=segment, dtype=dtype)
   nomem = ModelConfig.from_yaml(path, **overrides, use_memory=False, attention="full",
-                                segment_length=seq)
+                                segment_length=seq, dtype=dtype)
   return nomem, lm2
 
 
@@ -156,6 +165,10 @@ def main(argv=None) -> None:
   parser.add_argument("--segment", type=int, default=64, help="LM2 segment length (divides --seq)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per turn")
+  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="where PyTorch runs (JAX uses its default backend: run with a CUDA jax for cuda)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype of both sides (parameters and optimizer stay float32)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
@@ -190,9 +203,9 @@ def _run(args, sizes: list[str], worker: TorchWorker, info: dict) -> None:
   tokens = args.batch * args.seq
   jax_steps, flops = {}, {}
   for size in sizes:
-    nomem, lm2 = _model_configs(size, args.seq, args.segment)
+    nomem, lm2 = _model_configs(size, args.seq, args.segment, args.dtype)
     worker.ask(cmd="build", name=size, model=dataclasses.asdict(nomem), train=train,
-                      batch=args.batch, seq=args.seq)
+               batch=args.batch, seq=args.seq, device=args.device)
     for name, cfg, segments in (("nomem", nomem, 1), ("lm2", lm2, args.seq // args.segment)):
       start = time.perf_counter()
       state, step, batch = compiled_step(cfg, args.batch, segments)
@@ -214,14 +227,16 @@ def _run(args, sizes: list[str], worker: TorchWorker, info: dict) -> None:
   seconds = {(s, n): [] for s in sizes for n in ("torch", "nomem", "lm2")}
   peaks, load_before = [], os.getloadavg()[0]
   for r in range(args.rounds):
-    peaks.append(metrics_lib.measure_peak_flops())
+    peaks.append(metrics_lib.measure_peak_flops(1024 if args.device == "cpu" else 8192, dtype=args.dtype))
     for size in sizes:
-      seconds[size, "torch"].append(worker.ask(cmd="time", name=size, steps=args.steps)["seconds"])
+      seconds[size, "torch"].append(
+          worker.ask(cmd="time", name=size, steps=args.steps, device=args.device)["seconds"])
       for name in ("nomem", "lm2"):
         seconds[size, name].append(time_jax((size, name)))
     print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-  print(f"\n{args.batch} x {args.seq} tokens per step, float32, AdamW; {os.cpu_count()} CPU cores; torch "
+  print(f"\n{args.batch} x {args.seq} tokens per step, {args.dtype}, AdamW, {jax.devices()[0].device_kind}; "
+        f"{os.cpu_count()} CPU cores; torch "
         f"{info['torch']} ({info['threads']} threads), transformers {info['transformers']}, jax "
         f"{jax.__version__}; medians over {args.rounds} rounds of {args.steps} steps; measured matmul "
         f"peak {statistics.median(peaks) / 1e9:.1f} GFLOP/s; 1-minute load average {load_before:.1f} "

@@ -114,14 +114,15 @@ def read_metrics(run_dir: str | pathlib.Path, split: str | None = None) -> list[
   return [r for r in rows if split is None or r["split"] == split]
 
 
-def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 [size, size] matmul on this process's first device, best of `repeats` runs.
+def measure_peak_flops(size: int = 1024, repeats: int = 5, dtype="float32") -> float:
+  """FLOP/s of a [size, size] matmul of `dtype` on this process's first device, best of `repeats` runs.
 
   A stand-in for the vendor peak when none is configured; on CPU it is what this machine really
-  delivers, so MFU reads as the fraction of attainable matmul throughput.
+  delivers, so MFU reads as the fraction of attainable matmul throughput. An accelerator needs a larger
+  `size` (8192) to reach its peak, and the model's compute dtype (bfloat16) to measure the right one.
   """
   device = jax.local_devices()[0]
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = math.inf
