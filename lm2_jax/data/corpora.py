@@ -7,9 +7,13 @@ Formats, chosen by file name:
     path such as "meta.text" reaches into nested objects). Blank lines are ignored.
   * `.array_record`: one document per record; a record is UTF-8 text (`array_record_format="text"`) or a
     UTF-8 JSON object read like a JSONL line (`array_record_format="json"`).
+  * `.py`: source code, one document per file; read when a path or a glob ending in `.py` names it, never
+    found by a directory search or another glob (a directory of text data is not also one of its scripts).
 
-Paths may be files, directories (searched recursively for the formats above, in sorted order) or glob
-patterns; a path or pattern that matches nothing is an error, and so is a corpus with no documents.
+Paths may be files, directories (searched recursively for the formats above but `.py`, in sorted order),
+glob patterns, or `stdlib:train` / `stdlib:held_out`: the two splits of the running Python's standard
+library sources (`lm2_jax.data.stdlib`). A path or pattern that matches nothing is an error, and so is a
+corpus with no documents.
 
 Bad input never crashes deep inside the pipeline and is never silently dropped: undecodable UTF-8 (reported
 with file and byte offset; in a `.jsonl.gz` the offset counts decompressed bytes), a JSONL line that is not
@@ -29,10 +33,13 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
+from lm2_jax.data import stdlib
+
 TXT_SPLITS = ("file", "blank_lines")
 ON_ERROR = ("fail", "skip")
 ARRAY_RECORD_FORMATS = ("text", "json")
 _SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".array_record")
+_SOURCE_SUFFIXES = (".py",)  # read when named, not found by a directory search
 _BLANK_LINES = re.compile(rb"\n[ \t\r\f\v]*\n[ \t\r\f\v\n]*")
 _MAX_EXAMPLES = 20
 
@@ -98,8 +105,9 @@ class CorpusConfig:
         raise ValueError(f"corpus.{key} is {value!r}; use one of {allowed}.")
 
 
-def _kind(path: str) -> str | None:
-  for suffix in _SUFFIXES:
+def _kind(path: str, named: bool = True) -> str | None:
+  """The format of `path` by its suffix; source files only when `named` (not from a directory search)."""
+  for suffix in _SUFFIXES + (_SOURCE_SUFFIXES if named else ()):
     if path.endswith(suffix):
       return suffix
   return None
@@ -115,19 +123,27 @@ def resolve_paths(paths: Sequence[str]) -> list[str]:
   files: list[str] = []
   seen: set[str] = set()
   for path in paths:
-    if os.path.isdir(path):
+    if stdlib.is_alias(path):
+      try:
+        found = stdlib.expand(path)
+      except ValueError as e:
+        raise CorpusError(f"corpus path {path!r}: {e}") from e
+    elif os.path.isdir(path):
       found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                     if _kind(name))
+                     if _kind(name, named=False))
     elif os.path.isfile(path):
       if not _kind(path):
-        raise CorpusError(f"corpus file {path!r} has an unknown suffix; use one of {_SUFFIXES}.")
+        raise CorpusError(f"corpus file {path!r} has an unknown suffix; use one of "
+                          f"{_SUFFIXES + _SOURCE_SUFFIXES}.")
       found = [path]
     elif glob.has_magic(path):
-      found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and _kind(p))
+      found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p)
+                     and _kind(p, named=path.endswith(_SOURCE_SUFFIXES)))
     else:
       raise FileNotFoundError(f"corpus path {path!r} does not exist (corpus.paths).")
     if not found:
-      raise FileNotFoundError(f"corpus path {path!r} matches no {'/'.join(_SUFFIXES)} file (corpus.paths).")
+      raise FileNotFoundError(f"corpus path {path!r} matches no {'/'.join(_SUFFIXES + _SOURCE_SUFFIXES)} "
+                              "file (corpus.paths).")
     files += [f for f in found if f not in seen]
     seen.update(found)
   return files
@@ -185,7 +201,7 @@ def _json_text(data: bytes, where: str, offset: int, config: CorpusConfig,
 def _read_txt(path: str, config: CorpusConfig, stats: CorpusStats) -> Iterator[str | None]:
   with open(path, "rb") as f:
     data = f.read()
-  if config.txt_split == "file":
+  if config.txt_split == "file" or path.endswith(_SOURCE_SUFFIXES):
     yield _decode(data, path, 0, config, stats)
     return
   # Blank lines separate documents and belong to none; so does a file's final line break.
@@ -233,7 +249,7 @@ def _read_array_record(path: str, config: CorpusConfig, stats: CorpusStats) -> I
       yield _decode(record, where, 0, config, stats)
 
 
-_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".jsonl.gz": _read_jsonl,
+_READERS = {".txt": _read_txt, ".py": _read_txt, ".jsonl": _read_jsonl, ".jsonl.gz": _read_jsonl,
             ".array_record": _read_array_record}
 
 

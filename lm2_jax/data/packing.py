@@ -1,9 +1,18 @@
 """Packing tokenized documents into fixed rows of C segments of T tokens, random access by row index.
 
 Every document is tokenized once, EOS appended, and all of them concatenated into one int32 token stream
-(plus the offsets where documents start). Row i is the slice [i*C*T, (i+1)*C*T) of that stream: greedy
-concatenation, so a document may continue into the next row. Rows are cheap, deterministic and random
-access, which is what a shuffled, sharded, resumable Grain pipeline needs.
+(plus the offsets where documents start). Rows are cut from that stream in one of two ways (`align`):
+
+  * "stream": row i is the slice [i*C*T, (i+1)*C*T): greedy concatenation, so a document may continue into
+    the next row and start anywhere in one. No padding but the final row's.
+  * "document": every document starts a row. Document d fills rows of C*T tokens, its k-th row holding its
+    segments k*C .. k*C+C-1, and its last row is padded (`valid` False) instead of holding the next
+    document, so segment c of a row whose first segment is a document's start IS segment c of that
+    document: what "perplexity by segment index within a document" needs from training rows. The last
+    real input of a document is its EOS, which has no target.
+
+Rows are cheap, deterministic and random access, which is what a shuffled, sharded, resumable Grain
+pipeline needs.
 
 Each row is a dict of numpy arrays (the same contract as the QA sources):
   inputs     int32[C*T]   the tokens
@@ -21,7 +30,8 @@ continuing from the previous row is not a reset (its memory context is simply lo
 that is the usual cost of packing).
 
 The final partial row is padded with PAD (`final_row="pad"`, the padding counted in `padded_tokens`) or
-dropped (`final_row="drop"`, its tokens counted in `dropped_tokens`). Nothing else is ever dropped.
+dropped (`final_row="drop"`, its tokens counted in `dropped_tokens`; "stream" rows only). Nothing else is
+ever dropped.
 
 The token stream can be cached as .npy files keyed by the corpus files and the tokenizer, so a second run
 (or a worker process) memory-maps it instead of tokenizing again.
@@ -43,6 +53,7 @@ from lm2_jax.data import corpora
 from lm2_jax.data import tokenizers as tokenizers_lib
 
 FINAL_ROW = ("pad", "drop")
+ALIGN = ("stream", "document")
 _ENCODE_CHUNK = 256  # documents per encode_batch call
 
 
@@ -54,7 +65,8 @@ class PackingStats:
     documents: documents packed.
     tokens: tokens in the stream (documents plus one EOS each).
     rows: rows of C*T tokens.
-    padded_tokens: PAD positions of the final row (`final_row="pad"`).
+    padded_tokens: PAD positions of the final row (`final_row="pad"`), or of every document's last row
+      (`align="document"`).
     dropped_tokens: stream tokens in no row (`final_row="drop"`).
   """
 
@@ -75,27 +87,37 @@ class PackedCorpus:
     segment_len: T.
     pad_id: the id written at padded positions.
     final_row: "pad" or "drop".
+    align: "stream" or "document" (see the module docstring).
     stats: the counts of this packing.
     corpus_stats: the counts of reading the corpus, when built from files.
   """
 
   def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, *, num_segments: int, segment_len: int,
-               pad_id: int, final_row: str = "pad", corpus_stats: corpora.CorpusStats | None = None,
-               cache_dir: str | None = None):
+               pad_id: int, final_row: str = "pad", align: str = "stream",
+               corpus_stats: corpora.CorpusStats | None = None, cache_dir: str | None = None):
     if num_segments < 1 or segment_len < 1:
       raise ValueError(f"num_segments and segment_len must be >= 1 (got {num_segments}, {segment_len}).")
     if final_row not in FINAL_ROW:
       raise ValueError(f"final_row is {final_row!r}; use one of {FINAL_ROW}.")
+    if align not in ALIGN:
+      raise ValueError(f"align is {align!r}; use one of {ALIGN}.")
+    if align == "document" and final_row != "pad":
+      raise ValueError("align='document' pads every document's last row; it needs final_row='pad'.")
     self.tokens = tokens
     self.doc_starts = doc_starts
     self.num_segments = num_segments
     self.segment_len = segment_len
     self.pad_id = int(pad_id)
     self.final_row = final_row
+    self.align = align
     self.corpus_stats = corpus_stats
     self._cache_dir = cache_dir  # set when `tokens` is memory-mapped from there: pickled by path
     n, row_len = len(tokens), num_segments * segment_len
-    rows = -(-n // row_len) if final_row == "pad" else n // row_len
+    self._index_rows()
+    if align == "document":
+      rows = len(self._row_starts)
+    else:
+      rows = -(-n // row_len) if final_row == "pad" else n // row_len
     if rows == 0:
       raise ValueError(
           f"the corpus has {n} tokens, fewer than one row of {num_segments}x{segment_len}; with "
@@ -111,44 +133,65 @@ class PackedCorpus:
   def __len__(self) -> int:
     return self.stats.rows
 
+  def _index_rows(self) -> None:
+    """With align="document": where each row starts in the stream, and where its document ends."""
+    self._row_starts = self._row_ends = None
+    if self.align != "document":
+      return
+    ends = np.append(np.asarray(self.doc_starts[1:], np.int64), len(self.tokens))
+    lengths = ends - self.doc_starts
+    per_doc = -(-lengths // self.row_len)                 # every document has its EOS: >= 1 row
+    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    self._row_starts = (np.repeat(np.asarray(self.doc_starts, np.int64), per_doc)
+                        + self.row_len * (np.arange(per_doc.sum()) - first))
+    self._row_ends = np.repeat(ends, per_doc)
+
+  def row_span(self, index: int) -> tuple[int, int]:
+    """(where row `index` starts in the stream, where the text it may hold ends: its document's end with
+    align="document", the stream's end otherwise)."""
+    if self._row_starts is not None:
+      return int(self._row_starts[index]), int(self._row_ends[index])
+    return index * self.row_len, len(self.tokens)
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"row {index} out of range for a packed corpus of {len(self)} rows.")
-    row_len, n = self.row_len, len(self.tokens)
-    start = index * row_len
-    window = np.asarray(self.tokens[start:start + row_len + 1], dtype=np.int32)
+    row_len = self.row_len
+    start, end = self.row_span(index)
+    window = np.asarray(self.tokens[start:min(start + row_len + 1, end)], dtype=np.int32)
     padded = np.full(row_len + 1, self.pad_id, np.int32)
     padded[:len(window)] = window
     position = np.arange(row_len)
-    bounds = start + self.segment_len * np.arange(self.num_segments + 1)
+    bounds = np.minimum(start + self.segment_len * np.arange(self.num_segments + 1), end)
     starts_before = np.searchsorted(self.doc_starts, bounds)
     return {
         "inputs": padded[:row_len],
         "targets": padded[1:],
-        "loss_mask": (position < n - start - 1).astype(np.float32),
-        "valid": position < n - start,
+        "loss_mask": (position < end - start - 1).astype(np.float32),
+        "valid": position < end - start,
         "resets": starts_before[1:] > starts_before[:-1],
     }
 
   def __getstate__(self):
     state = dict(self.__dict__)
     if self._cache_dir is not None:
-      del state["tokens"], state["doc_starts"]
+      del state["tokens"], state["doc_starts"], state["_row_starts"], state["_row_ends"]
     return state
 
   def __setstate__(self, state):
     self.__dict__.update(state)
     if self._cache_dir is not None:
       self.tokens, self.doc_starts = _load_stream(self._cache_dir)
+      self._index_rows()
 
 
 def pack_documents(token_docs: Iterable[Sequence[int]], *, eos_id: int, pad_id: int, num_segments: int,
-                   segment_len: int, final_row: str = "pad") -> PackedCorpus:
+                   segment_len: int, final_row: str = "pad", align: str = "stream") -> PackedCorpus:
   """Packs already tokenized documents (EOS is appended to each here)."""
   tokens, doc_starts = _stream(token_docs, eos_id)
   return PackedCorpus(tokens, doc_starts, num_segments=num_segments, segment_len=segment_len, pad_id=pad_id,
-                      final_row=final_row)
+                      final_row=final_row, align=align)
 
 
 def _stream(token_docs: Iterable[Sequence[int]], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +250,8 @@ def _load_stream(cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_corpus(config: corpora.CorpusConfig, tokenizer: tokenizers_lib.Tokenizer, *, num_segments: int,
-                segment_len: int, final_row: str = "pad", cache_dir: str | None = None) -> PackedCorpus:
+                segment_len: int, final_row: str = "pad", align: str = "stream",
+                cache_dir: str | None = None) -> PackedCorpus:
   """Reads, tokenizes and packs a corpus of local files.
 
   Args:
@@ -216,6 +260,8 @@ def pack_corpus(config: corpora.CorpusConfig, tokenizer: tokenizers_lib.Tokenize
     num_segments: C, segments per row.
     segment_len: T, tokens per segment.
     final_row: "pad" or "drop" the final partial row (both counted in `stats`).
+    align: "stream" (greedy concatenation) or "document" (every document starts a row); the cache holds
+      the stream, which both share.
     cache_dir: if set, the token stream is cached under `cache_dir/<fingerprint>/` as .npy files and
       memory-mapped; a later call with the same files (size and mtime), options and tokenizer reuses it.
 
@@ -230,7 +276,8 @@ def pack_corpus(config: corpora.CorpusConfig, tokenizer: tokenizers_lib.Tokenize
         stats = corpora.CorpusStats(**json.load(f))
       tokens, doc_starts = _load_stream(cached)
       return PackedCorpus(tokens, doc_starts, num_segments=num_segments, segment_len=segment_len,
-                          pad_id=tokenizer.pad_id, final_row=final_row, corpus_stats=stats, cache_dir=cached)
+                          pad_id=tokenizer.pad_id, final_row=final_row, align=align, corpus_stats=stats,
+                          cache_dir=cached)
   stats = corpora.CorpusStats()
   documents = corpora.iter_documents(config, stats)
   tokens, doc_starts = _stream(_encode_documents(documents, tokenizer, stats), tokenizer.eos_id)
@@ -248,4 +295,5 @@ def pack_corpus(config: corpora.CorpusConfig, tokenizer: tokenizers_lib.Tokenize
       shutil.rmtree(staging, ignore_errors=True)
     tokens, doc_starts = _load_stream(cached)
   return PackedCorpus(tokens, doc_starts, num_segments=num_segments, segment_len=segment_len,
-                      pad_id=tokenizer.pad_id, final_row=final_row, corpus_stats=stats, cache_dir=cached)
+                      pad_id=tokenizer.pad_id, final_row=final_row, align=align, corpus_stats=stats,
+                      cache_dir=cached)

@@ -88,7 +88,12 @@ class DataConfig:
       range num_sentences..max_sentences when max_sentences > 0; 0 = the task's default range.
     tokenizer: `byte` (no file), `words` (built-in bAbI vocabulary, or a vocabulary file),
       `sentencepiece` or `hf`; tokenizer_path: its file.
-    train_files, eval_files: comma-separated files / directories / globs of a `text` run.
+    train_files, eval_files: comma-separated files / directories / globs of a `text` run, or
+      `stdlib:train` / `stdlib:held_out` (the running Python's standard library sources, split by a hash of
+      each file's path: `lm2_jax.data.stdlib`).
+    align: how a `text` run cuts documents into rows: `stream` (greedy concatenation) or `document`
+      (every document starts a row, its last row padded: segment c of such a row is segment c of the
+      document; `lm2_jax.data.packing`).
     shuffle: reshuffle the training rows every epoch.
     worker_count: Grain worker processes (0 = in-process); batches do not depend on it.
     bind: rows also carry `bound`, the id whose embedding the model adds to each position's (the oracle
@@ -119,6 +124,7 @@ class DataConfig:
   tokenizer_path: str = ""
   train_files: str = ""
   eval_files: str = ""
+  align: Literal["stream", "document"] = "stream"
   shuffle: bool = True
   worker_count: int = 0
   bind: bool = False

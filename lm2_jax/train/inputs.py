@@ -63,7 +63,7 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
     try:
       return packing.pack_corpus(corpora.CorpusConfig(paths=paths), tokenizer,
                                  num_segments=cfg.num_segments, segment_len=segment_length,
-                                 cache_dir=None if cache_dir is None else str(cache_dir))
+                                 align=cfg.align, cache_dir=None if cache_dir is None else str(cache_dir))
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(f"data.{key}: {e}") from e
   return corpus(cfg.train_files, "train_files"), corpus(cfg.eval_files, "eval_files")
