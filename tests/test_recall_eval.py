@@ -10,7 +10,7 @@ import pytest
 from lm2_jax.data.recall import QUERY
 from lm2_jax.eval import cli, recall_eval
 from lm2_jax.train.loop import train
-from test_train_evaluate import tiny_config
+from test_train_evaluate import TINY_MODEL, tiny_config
 
 RECALL = {"kind": "recall", "num_segments": 3, "recall_pairs": 2, "recall_queries": 2,
           "recall_overwrite": 0.5, "recall_filler": 1, "recall_keys": 6, "recall_values": 6,
@@ -74,3 +74,41 @@ def test_pairs_replaces_the_facts_per_segment(recall_run):
   assert (more[0]["inputs"][:16] > 1).sum() > (source[0]["inputs"][:16] > 1).sum()
   result = recall_eval.evaluate_lengths(run_dir, [1], rows=8, batch_size=8, pairs=3)
   assert result[1]["pairs"] == 3 * (cfg.data.num_segments - 1)
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  cfg = tiny_config(root, "qa", model={**TINY_MODEL, "vocab_size": 384, "segment_length": 16},
+                    data={"kind": "qa", "task": "qa1", "tokenizer": "words", "num_segments": 4,
+                          "num_sentences": 2, "max_sentences": 4, "eval_size": 16},
+                    train={"steps": 2, "batch_size": 8})
+  assert train(cfg, echo=lambda s: None).status == "completed"
+  return cfg, root / "qa"
+
+
+def test_qa_rows_at_k_times_keep_the_story_first_and_the_question_last(qa_run):
+  cfg, _ = qa_run
+  c, t = cfg.data.num_segments, cfg.model_config().segment_length
+  short = recall_eval.rows_at_length(cfg.data, t, 1, rows=8)
+  source = recall_eval.rows_at_length(cfg.data, t, 4, rows=8)
+  for i in range(8):
+    row, base = source[i], short[i]
+    segments = row["inputs"].reshape(4 * c, t)
+    assert row["fact_segment"] <= c - 2 and row["question_segment"] == 4 * c - 1
+    # The added segments hold padding only (no filler in this run); the story and the question are the
+    # 1x row's, moved apart.
+    assert (segments[c - 1:-1] == 0).all()
+    np.testing.assert_array_equal(segments[:c - 1].ravel(), base["inputs"][:(c - 1) * t])
+    np.testing.assert_array_equal(segments[-1], base["inputs"][-t:])
+    assert np.flatnonzero(row["loss_mask"]).min() >= (4 * c - 1) * t
+
+
+def test_qa_one_x_reproduces_the_runs_own_final_evaluation(qa_run):
+  cfg, run_dir = qa_run
+  final = json.loads((run_dir / "final_eval.json").read_text())
+  results = recall_eval.evaluate_lengths(run_dir, [1, 4], rows=cfg.data.eval_size, batch_size=8)
+  assert results[1]["answer_accuracy"] == pytest.approx(final["accuracy"])
+  assert results[1]["loss"] == pytest.approx(final["loss"], rel=1e-5)
+  assert results[4]["segments"] == 4 * cfg.data.num_segments
+  assert results[4]["chance"] == pytest.approx(final["chance"])

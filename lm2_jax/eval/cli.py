@@ -5,7 +5,7 @@
     python eval.py perplexity --run runs/A --files data/*.txt     # several files, or comma-separated
     python eval.py mc --run runs/A --file mmlu.jsonl
     python eval.py attention --run runs/A --task qa1 --length 1k --block 0
-    python eval.py recall --run runs/R --lengths 1,4,16       # a recall run streamed over k x its segments
+    python eval.py recall --run runs/R --lengths 1,4,16   # a recall or qa run over k x its segments
 
 Results go to `<run dir>/eval/` of the first model, or to `--out`. A BABILong run replaces the predictions
 files of models it did not evaluate there, so the directory describes the latest run.
@@ -101,9 +101,9 @@ def _parser() -> argparse.ArgumentParser:
   att.add_argument("--seed", type=int, default=0)
   att.add_argument("--block", type=int, default=0)
 
-  rc = sub.add_parser("recall", help="a recall run's accuracy on rows of k x its trained segments")
+  rc = sub.add_parser("recall", help="a recall or qa run's accuracy on rows of k x its trained segments")
   rc.add_argument("--run", action="append", default=[], required=True,
-                  help="run directory of a data.kind: recall run (repeatable)")
+                  help="run directory of a data.kind: recall or qa run (repeatable)")
   rc.add_argument("--lengths", default="1,4,16", help="comma-separated segment multipliers")
   rc.add_argument("--rows", type=int, default=512, help="held-out rows per length")
   rc.add_argument("--batch-size", type=int, default=32)

@@ -46,7 +46,7 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
 
     common = dict(task=cfg.task, seed=cfg.seed, tokenizer=tokenizer, num_segments=cfg.num_segments,
                   segment_length=segment_length, filler_density=cfg.filler_density,
-                  num_sentences=_story_length(cfg), bind=cfg.bind)
+                  num_sentences=story_length(cfg), bind=cfg.bind)
     try:
       train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on,
                           questions=cfg.questions, **common)
@@ -100,7 +100,7 @@ def chance_level(cfg: DataConfig) -> float | None:
   return None
 
 
-def _story_length(cfg: DataConfig):
+def story_length(cfg: DataConfig):
   """QASource's num_sentences: None (task default), an exact count, or a (low, high) range."""
   if cfg.max_sentences:
     if not 1 <= cfg.num_sentences <= cfg.max_sentences:
