@@ -112,3 +112,14 @@ def test_qa_one_x_reproduces_the_runs_own_final_evaluation(qa_run):
   assert results[1]["loss"] == pytest.approx(final["loss"], rel=1e-5)
   assert results[4]["segments"] == 4 * cfg.data.num_segments
   assert results[4]["chance"] == pytest.approx(final["chance"])
+
+
+def test_qa_filler_density_fills_the_added_segments(qa_run):
+  cfg, _ = qa_run
+  c, t = cfg.data.num_segments, cfg.model_config().segment_length
+  source = recall_eval.rows_at_length(cfg.data, t, 4, rows=4, filler_density=1.0)
+  for i in range(4):
+    row = source[i]
+    segments = row["inputs"].reshape(4 * c, t)
+    assert (segments[c - 1:-1] > 0).any(axis=1).all()  # every added segment holds filler text
+    assert row["fact_segment"] <= c - 2 and row["question_segment"] == 4 * c - 1

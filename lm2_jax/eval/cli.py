@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
   rc.add_argument("--batch-size", type=int, default=32)
   rc.add_argument("--pairs", type=int, default=None,
                   help="facts per context segment (default: the run's data.recall_pairs)")
+  rc.add_argument("--filler-density", type=float, default=None,
+                  help="qa runs: fraction of each segment's free space given to filler sentences "
+                       "(default: the run's data.filler_density)")
   rc.add_argument("--out", default=None, help="output directory (default: <first run>/eval)")
   return parser
 
@@ -274,8 +277,10 @@ def run_recall(args) -> int:
     raise UsageError("--lengths, --rows and --batch-size must be positive")
   if args.pairs is not None and args.pairs < 1:
     raise UsageError("--pairs must be positive")
+  if args.filler_density is not None and not 0.0 <= args.filler_density <= 1.0:
+    raise UsageError(f"--filler-density {args.filler_density}: give a fraction in [0, 1]")
   results = {pathlib.Path(run).name: recall_eval.evaluate_lengths(run, lengths, args.rows, args.batch_size,
-                                                                  args.pairs)
+                                                                  args.pairs, args.filler_density)
              for run in args.run}
   table = recall_eval.length_table(results)
   print(table)

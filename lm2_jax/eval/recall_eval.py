@@ -49,15 +49,21 @@ def load_recall_run(path: str | pathlib.Path):
   return cfg, {"params": checkpoints.restore_params(step_dir, cfg)}, data
 
 
-def rows_at_length(data: config_lib.DataConfig, segment_length: int, multiplier: int, rows: int):
-  """The held-out rows of `data` with `multiplier` times its segments (facts where they were)."""
+def rows_at_length(data: config_lib.DataConfig, segment_length: int, multiplier: int, rows: int,
+                   filler_density: float | None = None):
+  """The held-out rows of `data` with `multiplier` times its segments (facts where they were).
+
+  `filler_density` (qa runs) replaces the run's fraction of each segment's free space given to filler
+  sentences: with 0 the added segments are padding, which writes nothing to a memory; with more they are
+  text the memory must read past (BABILong's setting)."""
   if data.kind == "qa":
     from lm2_jax.data import qa  # pylint: disable=g-import-not-at-top
 
     return qa.QASource(
         data.task, "validation", data.seed, tokenizers.make_tokenizer(data.tokenizer, data.tokenizer_path or None),
         data.num_segments * multiplier, segment_length, rows, loss_on="answer",
-        filler_density=data.filler_density, fact_segments=(0, data.num_segments - 2),
+        filler_density=data.filler_density if filler_density is None else filler_density,
+        fact_segments=(0, data.num_segments - 2),
         num_sentences=inputs_lib.story_length(data), bind=data.bind)
   return RecallSource(
       "validation", data.seed, rows, data.num_segments * multiplier, segment_length,
@@ -67,10 +73,12 @@ def rows_at_length(data: config_lib.DataConfig, segment_length: int, multiplier:
 
 
 def evaluate_lengths(path: str | pathlib.Path, multipliers: Sequence[int], rows: int = 512,
-                     batch_size: int = 32, pairs: int | None = None) -> dict[int, dict]:
+                     batch_size: int = 32, pairs: int | None = None,
+                     filler_density: float | None = None) -> dict[int, dict]:
   """{k: the `train.evaluate.evaluate` result on rows of k x the trained segments} for one run.
 
-  `pairs` replaces the run's pairs per context segment (how many facts the memory must hold).
+  `pairs` replaces the run's pairs per context segment (how many facts the memory must hold);
+  `filler_density` the filler of a qa run's rows (`rows_at_length`).
   """
   cfg, variables, data = load_recall_run(path)
   if pairs is not None:
@@ -86,7 +94,7 @@ def evaluate_lengths(path: str | pathlib.Path, multipliers: Sequence[int], rows:
 
   out = {}
   for k in multipliers:
-    source = rows_at_length(data, cfg.segment_length, k, rows)
+    source = rows_at_length(data, cfg.segment_length, k, rows, filler_density)
     batches = []
     for start in range(0, rows, batch_size):
       items = [source[i] for i in range(start, min(start + batch_size, rows))]
