@@ -3,6 +3,7 @@
     python eval.py --run runs/A --run runs/B --tasks qa1,qa2 --lengths 0k,1k,4k
     python eval.py --run runs/A --data FILE.jsonl      # the file's tasks and lengths, unless given
     python eval.py perplexity --run runs/A --files data/*.txt     # several files, or comma-separated
+    python eval.py perplexity --run runs/A --run runs/B --files stdlib:held_out --by-segment --max-segments 16
     python eval.py mc --run runs/A --file mmlu.jsonl
     python eval.py attention --run runs/A --task qa1 --length 1k --block 0
     python eval.py recall --run runs/R --lengths 1,4,16   # a recall or qa run over k x its segments
@@ -86,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
   ppl.add_argument("--max-unknown", type=float, default=None,
                    help="refuse text whose share of unknown-token ids (words outside the tokenizer's "
                         "vocabulary) exceeds this (default 0.05; 1 = score anyway; the share is reported)")
+  ppl.add_argument("--by-segment", action="store_true",
+                   help="perplexity by segment index within a document, each document streamed from its "
+                        "start with the memory carried (a table across the models, and "
+                        "perplexity_by_segment.json)")
+  ppl.add_argument("--max-segments", type=int, default=None,
+                   help="with --by-segment: segments scored per document, past the trained length too "
+                        "(default 16)")
+  ppl.add_argument("--batch-size", type=int, default=None,
+                   help="with --by-segment: documents scored together (default 8)")
+  ppl.add_argument("--baseline", default=None,
+                   help="with --by-segment: a model name (its run directory's name) the others are "
+                        "compared with, segment index by segment index")
 
   mc = sub.add_parser("mc", help="multiple choice (MMLU-style JSONL) by log-likelihood")
   _add_model_args(mc, multiple=True)
@@ -210,6 +223,12 @@ def run_perplexity(args) -> int:
   if args.max_unknown is not None and not 0 <= args.max_unknown <= 1:
     raise UsageError(f"--max-unknown {args.max_unknown}: give a share in [0, 1]")
   options = {} if args.max_unknown is None else {"max_unknown": args.max_unknown}
+  if args.by_segment:
+    return _perplexity_by_segment(args, files, options)
+  given = [f for f, v in (("--max-segments", args.max_segments), ("--batch-size", args.batch_size),
+                          ("--baseline", args.baseline)) if v is not None]
+  if given:
+    raise UsageError(f"{', '.join(given)}: only with --by-segment")
   models = _load_models(args)
   out = _out_dir(args, models)
   results = {}
@@ -227,6 +246,37 @@ def run_perplexity(args) -> int:
           f"tokenizer's unknown id{skipped})")
   tables.write_json(results, out / "perplexity.json")
   print(f"wrote {out / 'perplexity.json'}")
+  return 0
+
+
+def _perplexity_by_segment(args, files: list[str], options: dict) -> int:
+  from lm2_jax.data import corpora, tokenizers  # pylint: disable=g-import-not-at-top
+  from lm2_jax.eval import perplexity, tables  # pylint: disable=g-import-not-at-top
+
+  max_segments = 16 if args.max_segments is None else args.max_segments
+  batch_size = 8 if args.batch_size is None else args.batch_size
+  if max_segments < 1 or batch_size < 1:
+    raise UsageError(f"--max-segments {max_segments} and --batch-size {batch_size} must be >= 1")
+  models = _load_models(args)
+  if args.baseline is not None and args.baseline not in [m.name for m in models]:
+    raise UsageError(f"--baseline {args.baseline}: not one of the models {[m.name for m in models]}")
+  out = _out_dir(args, models)
+  results = {}
+  for model in models:
+    try:
+      results[model.name] = perplexity.segment_perplexity(
+          model, files, max_segments=max_segments, batch_size=batch_size, text_field=args.text_field,
+          txt_split=args.txt_split, on_error=args.on_error, max_documents=args.max_documents or None,
+          progress=not args.no_progress, **options)
+    except (corpora.CorpusError, FileNotFoundError, perplexity.UnknownTokensError) as e:
+      raise UsageError(_with_flags(str(e))) from None
+  byte = all(isinstance(m.tokenizer, tokenizers.ByteTokenizer) for m in models)
+  table = perplexity.format_segment_table(results, args.baseline, unit="byte" if byte else "token")
+  print(table)
+  (out / "perplexity_by_segment.txt").write_text(table + "\n")
+  tables.write_json({"files": files, "baseline": args.baseline, "models": results},
+                    out / "perplexity_by_segment.json")
+  print(f"wrote {out / 'perplexity_by_segment.json'} and .txt")
   return 0
 
 
