@@ -18,8 +18,8 @@ Each cell runs as `python train.py --config BASE <overrides> <cell overrides> <c
 train.seed=S data.seed=S name=<cell>-s<S> runs_dir=<runs_dir>/<sweep>`. A cell whose run directory has a
 `final_eval.json` is finished and skipped; an interrupted one resumes from its own checkpoint (train.py
 does that by itself). `--dry-run` prints one command per cell (for a cluster scheduler); `--table`
-rebuilds the comparison table (Markdown and JSON, `<runs_dir>/<sweep>/table.{md,json}`) from finished
-runs. Progress prints cells done / left and each cell's wall time.
+rebuilds the comparison table (Markdown, JSON and a bar plot, `<runs_dir>/<sweep>/table.{md,json,png}`)
+from finished runs. Progress prints cells done / left and each cell's wall time.
 """
 
 from __future__ import annotations
@@ -128,13 +128,45 @@ def markdown(result: dict) -> str:
   return "\n".join(lines)
 
 
+def plot(result: dict, path: pathlib.Path, title: str) -> list[tuple[str, float, float, float]]:
+  """A bar per cell of its mean held-out accuracy, whiskers from the lowest to the highest seed, twins
+  hatched, chance dashed; written to `path` (PNG). Returns the bars drawn: (cell, mean, min, max)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  bars = [(cell, r["accuracy"]["mean"], r["accuracy"]["min"], r["accuracy"]["max"])
+          for cell, r in result.items() if "accuracy" in r]
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(bars) + 1.5), 3.5))
+  for i, (cell, mean, lo, hi) in enumerate(bars):
+    twin = result[cell]["twin"]
+    ax.bar(i, mean, color="lightgray" if twin else "tab:blue", hatch="//" if twin else None,
+           edgecolor="black", linewidth=0.5)
+    ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], color="black", capsize=3)
+  chances = {r["chance"]["mean"] for r in result.values() if "chance" in r}
+  if len(chances) == 1:
+    ax.axhline(chances.pop(), color="red", linestyle="--", linewidth=1, label="chance")
+    ax.legend(loc="upper right", fontsize=8)
+  ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=60, ha="right", fontsize=8)
+  ax.set_ylabel("held-out answer accuracy")
+  ax.set_ylim(0, 1)
+  ax.set_title(f"{title} (mean, min..max over seeds)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return bars
+
+
 def write_table(sweep: dict, runs) -> str:
+  """Writes <runs_dir>/<sweep>/table.{md,json,png} from the finished runs; returns the Markdown."""
   result = table(sweep, runs)
   root = pathlib.Path(sweep["runs_dir"]) / sweep["name"]
   root.mkdir(parents=True, exist_ok=True)
   text = markdown(result)
   (root / "table.md").write_text(text + "\n")
   eval_lib.write_json(root / "table.json", result)
+  if any("accuracy" in r for r in result.values()):
+    plot(result, root / "table.png", sweep["name"])
   return text
 
 

@@ -63,6 +63,10 @@ def test_two_cells_run_skip_when_finished_and_tabulate_their_own_figures(tmp_pat
     assert table[cell]["loss"]["mean"] == pytest.approx(report["loss"])
   assert table["b"]["twin"] and not table["a"]["twin"]
   assert "| b (twin) | 1 |" in (runs / "table.md").read_text()
+  assert (runs / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  bars = sweep.plot(table, tmp_path / "again.png", "s")
+  assert bars == [(c, table[c]["accuracy"]["mean"], table[c]["accuracy"]["min"], table[c]["accuracy"]["max"])
+                  for c in ("a", "b")]
   # An interrupted cell (no final_eval.json) runs again from its own checkpoint; a finished one is skipped.
   (runs / "a-s0" / "final_eval.json").unlink()
   capsys.readouterr()
