@@ -180,6 +180,12 @@ class LoggingConfig:
     tensorboard: also write TensorBoard event files.
     progress: show a tqdm progress bar with ETA.
     peak_flops: peak FLOP/s per device for MFU; 0 = measure with a timed matmul at start-up.
+    memory_diagnostics: with LM2 memory (not RMT), every evaluation also logs per memory block the read
+      entropy over the memory rows (/ log M), the effective number of rows a segment writes to and the
+      input/forget gate means (`lm2_jax.train.diagnostics`) as `memory/block<i>/<name>` (metrics.jsonl,
+      TensorBoard) and `memory` in final_eval.json. The eval step then holds the read and write weights
+      of every segment and memory block of a batch (C x L_mem x B x Nm x T x M floats each): turn it off
+      where that does not fit (the paper-size presets do).
   """
 
   every: int = 10
@@ -188,6 +194,7 @@ class LoggingConfig:
   tensorboard: bool = True
   progress: bool = True
   peak_flops: float = 0.0
+  memory_diagnostics: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

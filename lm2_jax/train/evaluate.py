@@ -3,7 +3,8 @@
 A QA row is answered correctly when every answer token (the loss mask of a held-out QA row, which is
 always the answer) is predicted right. Its distance is `question_segment - fact_segment`: how many
 segments back the memory had to carry the supporting fact. Recall rows also say whether the asked key was
-`overwritten` (assigned more than once in the row), and accuracy is split by that too.
+`overwritten` (assigned more than once in the row), and accuracy is split by that too. With LM2 memory the
+eval step also returns per-block memory diagnostics (`lm2_jax.train.diagnostics`), averaged here.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
     "accuracy_by_distance" ({"<segments back>": accuracy}) and "accuracy_last_fact_elsewhere" (rows
     whose story ends with a sentence that is not the supporting fact: the recency-shortcut check); with
     `overwritten` in the batches, "accuracy_overwritten" and "accuracy_not_overwritten" (each only when
-    that group has rows).
+    that group has rows); when `eval_fn` returns "memory" (per block and name, per-row (sum, weight)),
+    "memory": {"block<i>": {name: total sum / total weight}} (names whose weight stayed 0 left out).
   """
   nll = weight = correct = 0.0
   rows = 0
@@ -35,8 +37,13 @@ def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
   elsewhere = [0, 0]
   by_overwrite = {True: [0, 0], False: [0, 0]}  # overwritten? -> [right, rows]
   qa = False
+  memory: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
   for batch in batches:
     stats = jax.device_get(eval_fn(batch))
+    for block, named in stats.get("memory", {}).items():
+      for name, (row_sum, row_weight) in named.items():
+        memory[block][name][0] += float(np.sum(row_sum))
+        memory[block][name][1] += float(np.sum(row_weight))
     nll += float(np.sum(stats["nll_sum"]))
     weight += float(np.sum(stats["weight_sum"]))
     correct += float(np.sum(stats["correct_sum"]))
@@ -57,6 +64,9 @@ def evaluate(eval_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
           by_overwrite[flag][0] += int(ok)
           by_overwrite[flag][1] += 1
   out = {"loss": nll / max(weight, 1.0), "accuracy": correct / max(weight, 1.0), "num_samples": rows}
+  if memory:
+    out["memory"] = {block: {name: s / w for name, (s, w) in sorted(named.items()) if w > 0}
+                     for block, named in sorted(memory.items())}
   if qa:
     total_right = sum(r for r, _ in right_by_distance.values())
     out["answer_accuracy"] = total_right / max(rows, 1)
@@ -76,6 +86,7 @@ def final_report(result: dict, use_memory: bool, chance: float | None = None) ->
     result: `evaluate`'s output.
     use_memory: recorded beside the figures.
     chance: answer accuracy of a uniform guess (`inputs.chance_level`), recorded when given.
+  The memory diagnostics, when evaluated, are `memory`: {"block<i>": {name: value}}.
   """
   report = {
       "accuracy": result.get("answer_accuracy", result["accuracy"]),
@@ -86,7 +97,7 @@ def final_report(result: dict, use_memory: bool, chance: float | None = None) ->
       "num_samples": result["num_samples"],
       "use_memory": use_memory,
   }
-  for key in ("accuracy_overwritten", "accuracy_not_overwritten"):
+  for key in ("accuracy_overwritten", "accuracy_not_overwritten", "memory"):
     if key in result:
       report[key] = result[key]
   if chance is not None:

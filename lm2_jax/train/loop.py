@@ -28,6 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm2_jax.train import checkpoint as ckpt_lib
+from lm2_jax.train import diagnostics as diagnostics_lib
 from lm2_jax.train import evaluate as eval_lib
 from lm2_jax.train import inputs as inputs_lib
 from lm2_jax.train import mesh as mesh_lib
@@ -173,8 +174,9 @@ def _train(cfg: RunConfig, model_cfg, mesh, sources, cleanup: contextlib.ExitSta
   train_step = step_lib.compile_train_step(
       step_lib.make_train_step(model, tx, schedule, cfg.train.micro_batches, mesh),
       shardings, abstract, batch_spec, mesh)
-  eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(model), shardings.params,
-                                         abstract.params, batch_spec, mesh)
+  memory_diagnostics = cfg.logging.memory_diagnostics and diagnostics_lib.available(model_cfg)
+  eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(model, memory_diagnostics),
+                                         shardings.params, abstract.params, batch_spec, mesh)
   echo(f"compiled train and eval steps in {time.perf_counter() - t0:.1f} s")
 
   def run_eval(params, max_batches):
@@ -324,7 +326,11 @@ def _with_global_qa_fields(batch: dict, mesh) -> dict:
 
 
 def _scalars(result: dict) -> dict:
-  return {k: v for k, v in result.items() if isinstance(v, (int, float))}
+  """The scalar metrics of an evaluation; memory diagnostics as `memory/block<i>/<name>`."""
+  out = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+  for block, named in result.get("memory", {}).items():
+    out.update({f"memory/{block}/{name}": v for name, v in named.items()})
+  return out
 
 
 def _summary(result: dict) -> str:

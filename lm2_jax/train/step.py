@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lm2_jax.train import diagnostics as diagnostics_lib
 from lm2_jax.train import mesh as mesh_lib
 from lm2_jax.train.state import TrainState
 from lm2_jax.typing import PyTree
@@ -30,11 +31,16 @@ def model_inputs(batch: dict) -> dict:
   return {k: batch[k] for k in MODEL_KEYS + OPTIONAL_MODEL_KEYS if k in batch}
 
 
-def _loss_stats(model: nn.Module, params: PyTree, batch: dict, rng):
-  stats, _ = model.apply({"params": params}, batch["inputs"], batch["targets"], batch["loss_mask"],
-                         memory=None, resets=batch.get("resets"), valid=batch.get("valid"),
-                         bound=batch.get("bound"), method="loss", rngs={"dropout": rng})
-  return stats
+def _loss_stats(model: nn.Module, params: PyTree, batch: dict, rng, intermediates: bool = False):
+  """LossStats of `batch`; with `intermediates`, (LossStats, the sown `intermediates` collection)."""
+  out = model.apply({"params": params}, batch["inputs"], batch["targets"], batch["loss_mask"],
+                    memory=None, resets=batch.get("resets"), valid=batch.get("valid"),
+                    bound=batch.get("bound"), method="loss", rngs={"dropout": rng},
+                    mutable=["intermediates"] if intermediates else False)
+  if not intermediates:
+    return out[0]
+  (stats, _), state = out
+  return stats, state.get("intermediates", {})
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -102,14 +108,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable:
-  """Returns eval_step(params, batch) -> per-row float32 [B] nll_sum, weight_sum, correct_sum."""
+def make_eval_step(model: nn.Module, memory_diagnostics: bool = False) -> Callable:
+  """Returns eval_step(params, batch) -> per-row float32 [B] nll_sum, weight_sum, correct_sum.
+
+  With `memory_diagnostics` (a model with LM2 memory blocks) the result also holds "memory": per block,
+  per-row sums and weights of the diagnostics in `lm2_jax.train.diagnostics`. The forward pass is the
+  same; the sown read and write weights of every segment and memory block are held until reduced.
+  """
 
   def eval_step(params: PyTree, batch: dict) -> dict:
     batch = model_inputs(batch)
-    stats = _loss_stats(model, params, batch, jax.random.PRNGKey(0))
-    return {"nll_sum": stats.nll_sum, "weight_sum": stats.weight_sum,
-            "correct_sum": stats.correct_sum}
+    rng = jax.random.PRNGKey(0)
+    if memory_diagnostics:
+      stats, intermediates = _loss_stats(model, params, batch, rng, intermediates=True)
+    else:
+      stats = _loss_stats(model, params, batch, rng)
+    out = {"nll_sum": stats.nll_sum, "weight_sum": stats.weight_sum, "correct_sum": stats.correct_sum}
+    if memory_diagnostics:
+      out["memory"] = diagnostics_lib.row_sums(intermediates, model.cfg, batch["valid"],
+                                               batch["loss_mask"])
+    return out
 
   return eval_step
 
