@@ -94,7 +94,7 @@ def generate(task: str, seed: int, index: int, num_sentences=None, split: str | 
   check_task(task)
   if index < 0 or seed < 0:
     raise ValueError(f"seed and index must be >= 0, got seed={seed} index={index}")
-  low, high = _sentence_range(task, num_sentences)
+  low, high = sentence_range(task, num_sentences)
   stream = seed if split is None else split_seed(split, seed)
   rng = np.random.default_rng([TASKS.index(task), stream, index, 0 if split is None else 1])
   for _ in range(_MAX_TRIES):
@@ -104,7 +104,12 @@ def generate(task: str, seed: int, index: int, num_sentences=None, split: str | 
   raise RuntimeError(f"{task}: no valid story with {low}..{high} sentences after {_MAX_TRIES} tries")
 
 
-def _sentence_range(task, num_sentences) -> tuple[int, int]:
+def sentence_range(task: str, num_sentences) -> tuple[int, int]:
+  """The inclusive (low, high) story length of `generate`'s `num_sentences` for `task`.
+
+  Raises:
+    ValueError: a range the task cannot generate (low below its minimum, or low > high).
+  """
   if task == "qa4":
     return 2, 2
   if num_sentences is None:

@@ -3,7 +3,8 @@
 Any source with `__len__` and `__getitem__(i) -> dict of numpy arrays` works: a `PackedCorpus` (packed
 text), a QA source, or `ArraySource` (rows of in-memory arrays). The pipeline, in order:
 
-    source -> shuffle (per epoch) -> this process's shard -> repeat -> batch -> iter (threads) -> workers
+    source -> shuffle (per epoch) -> this process's shard -> repeat -> [rows by step] -> batch
+           -> iter (threads) -> workers
 
 * Shuffle: a global permutation of the source that changes every epoch, seeded by `seed` (Grain folds the
   epoch into the seed). Every process computes the same permutation.
@@ -13,6 +14,9 @@ text), a QA source, or `ArraySource` (rows of in-memory arrays). The pipeline, i
   keep the processes in lock step: every process yields the same number of batches.
 * Repeat: `num_epochs` passes (None: forever). Batches may straddle an epoch boundary; with a finite
   `num_epochs` the last partial batch is dropped.
+* Rows by step: a source with `row_at_step(index, step)` (a curriculum, `lm2_jax.data.qa.QASource`) is
+  read through it, with the step of the batch the row lands in (position in this process's stream //
+  batch_size: batch k is optimizer step k). Which rows are drawn is the same as without it.
 * Batch: rows stacked into a dict of numpy arrays with a leading per-process batch axis, built BEFORE the
   worker processes, so worker `w` produces whole batches w, w+k, w+2k, ... and the batches do not depend on
   `worker_count`.
@@ -43,6 +47,21 @@ class RowSource(Protocol):
 
   def __getitem__(self, index: int) -> Mapping[str, np.ndarray]:
     ...
+
+
+class RowsAtStep:
+  """Reads row `index` of a step-dependent source as the step of its batch sees it (a picklable map).
+
+  Attributes:
+    source: a source with `row_at_step(index, step)`.
+    batch_size: rows per batch on this process; position p of the stream is in batch p // batch_size.
+  """
+
+  def __init__(self, source, batch_size: int):
+    self.source, self.batch_size = source, batch_size
+
+  def __call__(self, position: int, index: int) -> Mapping[str, np.ndarray]:
+    return self.source.row_at_step(int(index), int(position) // self.batch_size)
 
 
 class ArraySource:
@@ -87,7 +106,8 @@ def make_map_dataset(source: RowSource, *, batch_size: int, seed: int, shuffle: 
     num_epochs: passes over the data; None repeats forever.
 
   Returns:
-    A `grain.MapDataset` of batches (dicts of numpy arrays with a leading `batch_size` axis).
+    A `grain.MapDataset` of batches (dicts of numpy arrays with a leading `batch_size` axis); with a
+    source that has `row_at_step`, batch k's rows are read at step k.
 
   Raises:
     ValueError: a bad argument, or fewer rows than processes.
@@ -107,11 +127,15 @@ def make_map_dataset(source: RowSource, *, batch_size: int, seed: int, shuffle: 
     raise ValueError(
         f"{num_epochs} epoch(s) of {shard_len} rows per process make no batch of {batch_size}; lower "
         "batch_size or raise num_epochs.")
-  ds = grain.MapDataset.source(source)
+  by_step = callable(getattr(source, "row_at_step", None))
+  # By step: the pipeline carries row indices, so the row is read knowing its position.
+  ds = grain.MapDataset.range(len(source)) if by_step else grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
   ds = ds.slice(slice(process_index, shard_len * process_count, process_count))
   ds = ds.repeat(num_epochs)
+  if by_step:
+    ds = ds.map_with_index(RowsAtStep(source, batch_size))
   return ds.batch(batch_size, drop_remainder=True)
 
 

@@ -22,6 +22,12 @@ answer's length, and a memory-less model learnt it.) Targets are next-token targ
 With `bind=True` (qa1 only) a row also carries `bound`: at each position the token id of the latest actor
 name at or before it (-1 before the first), the id whose input embedding the model adds to the position's
 own. It hands the model "who this is about" and never an answer (qa1 answers are locations).
+
+A `curriculum` makes the story length depend on the training step: `QASource.row_at_step(i, step)` draws
+row i with the story length of the last curriculum entry at or before `step`. The data pipeline
+(`lm2_jax.data.pipeline`) calls it with the step of the batch the row lands in, so the rows of a step are a
+pure function of the step and the pipeline's position, and a resumed run reads what an uninterrupted one
+would have.
 """
 
 from __future__ import annotations
@@ -275,26 +281,34 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
 class QASource:
   """Random-access QA rows of one bAbI task and split (wrap it in a Grain `MapDataset`).
 
-  Row i is a pure function of the constructor arguments and i. A story that does not fit the layout is
-  replaced by the next draw for the same row (story index i + attempt * num_samples of the split's
-  stream, so rows never share a story); `rejections(i)` says how many draws row i skipped. `bind` (qa1
-  only) adds the `bound` channel to every row.
+  Row i is a pure function of the constructor arguments and i (and, with a curriculum, the step:
+  `row_at_step`). A story that does not fit the layout is replaced by the next draw for the same row
+  (story index i + attempt * num_samples of the split's stream, so rows never share a story);
+  `rejections(i)` says how many draws row i skipped. `bind` (qa1 only) adds the `bound` channel to every
+  row. `curriculum`: ((first_step, num_sentences), ...), first_step 0 first and increasing; a row read at
+  step s has the story length of the last entry whose first_step <= s; `source[i]` is row i at step 0.
   """
 
   def __init__(self, task: str, split: str, seed: int, tokenizer: tokenizers.Tokenizer, num_segments: int,
                segment_length: int, num_samples: int, *, loss_on: str = "answer",
                filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
                num_sentences=None, add_bos: bool = False, questions: str = "final", bind: bool = False,
-               max_attempts: int = 64):
+               curriculum: tuple = (), max_attempts: int = 64):
     babi.check_task(task)
     if bind:
       actor_ids(task, tokenizer)
     babi.split_seed(split, seed)
     if num_samples < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    steps = [int(first) for first, _ in curriculum]
+    if curriculum and (steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:]))):
+      raise ValueError(f"curriculum steps must start at 0 and increase, got {steps}")
+    for _, length in curriculum:
+      babi.sentence_range(task, length)
     self.task, self.split, self.seed, self.tokenizer = task, split, seed, tokenizer
     self.num_segments, self.segment_length, self.num_samples = num_segments, segment_length, num_samples
     self.num_sentences, self.max_attempts = num_sentences, max_attempts
+    self.curriculum = tuple((int(first), length) for first, length in curriculum)
     self.offset = question_offset(task, tokenizer, segment_length)
     self._row_kw = dict(loss_on=loss_on, filler_density=filler_density,
                         filler=filler or filler_lib.TemplateFiller(), fact_segments=fact_segments,
@@ -303,13 +317,22 @@ class QASource:
   def __len__(self) -> int:
     return self.num_samples
 
-  def _draw(self, index: int):
+  def story_length(self, step: int):
+    """The `num_sentences` of rows read at `step`: the curriculum's entry then, else the constructor's."""
+    length = self.num_sentences
+    for first, entry in self.curriculum:
+      if first <= step:
+        length = entry
+    return length
+
+  def _draw(self, index: int, step: int = 0):
     if not 0 <= index < self.num_samples:
       raise IndexError(f"row {index} out of range for a QASource of {self.num_samples} rows")
     errors = []
+    num_sentences = self.story_length(step)
     for attempt in range(self.max_attempts):
       sample = babi.generate(self.task, self.seed, index + attempt * self.num_samples,
-                             num_sentences=self.num_sentences, split=self.split)
+                             num_sentences=num_sentences, split=self.split)
       stream = babi.split_seed(self.split, self.seed)
       rng = np.random.default_rng([babi.TASKS.index(self.task), stream, index, attempt, 0x9A])
       question_seed = int(np.random.default_rng([stream, index, 0x9B]).integers(2**62))
@@ -325,6 +348,10 @@ class QASource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return self._draw(int(index))[1]
 
-  def rejections(self, index: int) -> int:
-    """How many stories row `index` skipped because they did not fit."""
-    return self._draw(int(index))[0]
+  def row_at_step(self, index: int, step: int) -> dict[str, np.ndarray]:
+    """Row `index` as training step `step` reads it (the curriculum's story length at that step)."""
+    return self._draw(int(index), int(step))[1]
+
+  def rejections(self, index: int, step: int = 0) -> int:
+    """How many stories row `index` (read at `step`) skipped because they did not fit."""
+    return self._draw(int(index), int(step))[0]

@@ -86,6 +86,11 @@ class DataConfig:
       every distance); held-out rows always ask one final question.
     num_sentences, max_sentences: story length in sentences (QA): exactly num_sentences, or a uniform
       range num_sentences..max_sentences when max_sentences > 0; 0 = the task's default range.
+    curriculum: the training stories' length by step (QA): [[step, max_sentences], ...], the first at
+      step 0, steps increasing. From each entry's step on, training stories have num_sentences..that
+      many sentences (num_sentences 0: from the task's default minimum). It replaces max_sentences for
+      training rows only; held-out rows keep num_sentences..max_sentences. The rows of a step depend on
+      the step alone, so a resumed run reads the same rows. Empty = none.
     tokenizer: `byte` (no file), `words` (built-in bAbI vocabulary, or a vocabulary file),
       `sentencepiece` or `hf`; tokenizer_path: its file.
     train_files, eval_files: comma-separated files / directories / globs of a `text` run, or
@@ -120,6 +125,7 @@ class DataConfig:
   questions: Literal["final", "every"] = "final"
   num_sentences: int = 0
   max_sentences: int = 0
+  curriculum: tuple[tuple[int, int], ...] = ()
   tokenizer: str = "byte"
   tokenizer_path: str = ""
   train_files: str = ""
@@ -243,6 +249,15 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if value not in typing.get_args(tp):
       raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
     return value
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+      raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+    return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
   if origin in (typing.Union, types.UnionType):
     args = typing.get_args(tp)
     if value is None and type(None) in args:
@@ -378,12 +393,29 @@ def from_dict(data: dict) -> RunConfig:
       raise ConfigError(f"mesh.{axis}={size}: use a positive size or -1 (the rest of the devices)")
   if cfg.mesh.num_devices < 0:
     raise ConfigError(f"mesh.num_devices={cfg.mesh.num_devices}: use 0 (all devices) or a count")
+  _check_curriculum(cfg.data)
   if cfg.data.bind and not (cfg.data.kind == "recall" or (cfg.data.kind == "qa" and cfg.data.task == "qa1")):
     raise ConfigError(f"data.bind=true needs data.kind=recall or a qa1 run (data.kind=qa, data.task=qa1); "
                       f"got data.kind={cfg.data.kind}, data.task={cfg.data.task}")
   if not cfg.name or "/" in cfg.name:
     raise ConfigError(f"name={cfg.name!r}: give a non-empty run name without '/'")
   return cfg
+
+
+def _check_curriculum(data: DataConfig) -> None:
+  """`data.curriculum`: [[step, max_sentences], ...] from step 0, steps increasing, a QA run."""
+  if not data.curriculum:
+    return
+  example = "e.g. data.curriculum=[[0, 2], [300, 4], [600, 6]] (max_sentences from that step on)"
+  if data.kind != "qa":
+    raise ConfigError(f"data.curriculum sets the story length of QA rows; data.kind={data.kind} has none")
+  steps = [step for step, _ in data.curriculum]
+  if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+    raise ConfigError(f"data.curriculum: the steps must start at 0 and increase, got {steps}; {example}")
+  for step, most in data.curriculum:
+    if most < max(1, data.num_sentences):
+      raise ConfigError(f"data.curriculum: max_sentences={most} at step {step} must be >= 1 and >= "
+                        f"data.num_sentences={data.num_sentences}; {example}")
 
 
 def load_config(path: str | pathlib.Path, overrides: list[str] = (), validate_model: bool = True

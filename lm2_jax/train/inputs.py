@@ -49,7 +49,7 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
                   num_sentences=story_length(cfg), bind=cfg.bind)
     try:
       train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on,
-                          questions=cfg.questions, **common)
+                          questions=cfg.questions, curriculum=_curriculum(cfg), **common)
       held_out = qa.QASource(split="validation", num_samples=cfg.eval_size, loss_on="answer", **common)
     except ValueError as e:
       raise ConfigError(f"data section (qa): {e}") from e
@@ -108,6 +108,21 @@ def story_length(cfg: DataConfig):
                         f"{cfg.max_sentences}] when data.max_sentences is set")
     return (cfg.num_sentences, cfg.max_sentences)
   return cfg.num_sentences or None
+
+
+def _curriculum(cfg: DataConfig) -> tuple:
+  """QASource's curriculum: ((step, (low, max_sentences)), ...), low = num_sentences or the task's
+  default minimum."""
+  if not cfg.curriculum:
+    return ()
+  from lm2_jax.data import babi  # pylint: disable=g-import-not-at-top
+
+  low = cfg.num_sentences or babi.sentence_range(cfg.task, None)[0]
+  for step, most in cfg.curriculum:
+    if most < low:
+      raise ConfigError(f"data.curriculum: max_sentences={most} at step {step} is below the stories' "
+                        f"minimum of {low} sentences (data.num_sentences, else the {cfg.task} default)")
+  return tuple((step, (low, most)) for step, most in cfg.curriculum)
 
 
 def train_iterator(source, cfg: DataConfig, global_batch_size: int, seed: int):
