@@ -1,14 +1,19 @@
-"""The standard library corpus: what it reads, its split, and document-aligned rows of it."""
+"""The standard library corpus: what it reads, its split, document-aligned rows of it, and the sweep over it."""
 
 import os
 import pathlib
 import pickle
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm2_jax import sweep
 from lm2_jax.data import corpora, packing, stdlib
 from lm2_jax.data.tokenizers import ByteTokenizer
+from lm2_jax.model import LM2
+from lm2_jax.train.config import load_config
 
 
 def test_split_is_a_fixed_function_of_the_relative_path():
@@ -127,3 +132,17 @@ def test_document_rows_of_the_stdlib_corpus_cached_and_pickled(tmp_path):
   with pytest.raises(ValueError, match="needs final_row='pad'"):
     packing.pack_documents([[1]], eos_id=0, pad_id=9, num_segments=2, segment_len=4, align="document",
                            final_row="drop")
+
+
+def test_stdlib_sweep_cells_have_the_parameter_counts_its_comment_gives():
+  spec = sweep.load_sweep("configs/sweep/stdlib-lm.yaml")
+  counts = {}
+  for cell, overrides in spec["cells"].items():
+    run = load_config(spec["base"], spec["overrides"] + overrides)
+    assert (run.data.kind, run.data.align, run.data.train_files, run.data.eval_files) == (
+        "text", "document", "stdlib:train", "stdlib:held_out")
+    cfg = run.model_config()
+    shapes = jax.eval_shape(lambda c=cfg: LM2(c).init(jax.random.key(0), jnp.zeros((1, c.segment_length),
+                                                                                      jnp.int32)))
+    counts[cell] = sum(x.size for x in jax.tree.leaves(shapes))
+  assert counts == {"lm2": 1_165_952, "rmt": 1_166_976, "llama": 1_164_928, "llama-full": 1_164_928}
