@@ -285,7 +285,7 @@ def format_segment_table(results: dict[str, dict], baseline: str | None = None, 
   width = max(10, *(len(n) + 1 for n in names))
   lines = [f"perplexity by segment index within a document (T = {first['segment_length']} tokens; "
            f"{first['documents']} documents)",
-           "segment  docs " + "".join(n.rjust(width) for n in names)]
+           "segment  docs" + "".join(n.rjust(width) for n in names)]
   for s in range(first["max_segments"]):
     past = any(r["segments"][s]["past_trained_length"] for r in results.values())
     cells = "".join(f"{r['segments'][s]['perplexity']:{width}.4f}" for r in results.values())
