@@ -27,7 +27,9 @@ A `curriculum` makes the story length depend on the training step: `QASource.row
 row i with the story length of the last curriculum entry at or before `step`. The data pipeline
 (`lm2_jax.data.pipeline`) calls it with the step of the batch the row lands in, so the rows of a step are a
 pure function of the step and the pipeline's position, and a resumed run reads what an uninterrupted one
-would have.
+would have. A `segment_curriculum` does the same for how far back the facts lie (RMT-style): from an
+entry (step, n) on, a row's facts lie in the last n context segments, C-1-n..C-2, so the memory first
+carries facts across one segment, later across more. The row's shape never changes.
 """
 
 from __future__ import annotations
@@ -278,6 +280,23 @@ def encode_qa_row(sample: babi.BabiSample, tokenizer: tokenizers.Tokenizer, num_
   return row
 
 
+def _check_schedule(name: str, schedule) -> tuple:
+  """`schedule` ((first_step, value), ...) with int steps; ValueError unless they start at 0 and increase."""
+  steps = [int(first) for first, _ in schedule]
+  if schedule and (steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:]))):
+    raise ValueError(f"{name} steps must start at 0 and increase, got {steps}")
+  return tuple((int(first), value) for first, value in schedule)
+
+
+def _at_step(schedule: tuple, step: int, default):
+  """The value of the last entry of `schedule` whose first_step <= step, else `default`."""
+  value = default
+  for first, entry in schedule:
+    if first <= step:
+      value = entry
+  return value
+
+
 class QASource:
   """Random-access QA rows of one bAbI task and split (wrap it in a Grain `MapDataset`).
 
@@ -287,49 +306,58 @@ class QASource:
   `rejections(i)` says how many draws row i skipped. `bind` (qa1 only) adds the `bound` channel to every
   row. `curriculum`: ((first_step, num_sentences), ...), first_step 0 first and increasing; a row read at
   step s has the story length of the last entry whose first_step <= s; `source[i]` is row i at step 0.
+  `segment_curriculum`: ((first_step, n), ...), likewise: a row read at step s has its facts in segments
+  C-1-n..C-2 (1 <= n <= C-1) of the last entry at or before s; it replaces `fact_segments`.
   """
 
   def __init__(self, task: str, split: str, seed: int, tokenizer: tokenizers.Tokenizer, num_segments: int,
                segment_length: int, num_samples: int, *, loss_on: str = "answer",
                filler_density: float = 0.0, filler=None, fact_segments: tuple[int, int] | None = None,
                num_sentences=None, add_bos: bool = False, questions: str = "final", bind: bool = False,
-               curriculum: tuple = (), max_attempts: int = 64):
+               curriculum: tuple = (), segment_curriculum: tuple = (), max_attempts: int = 64):
     babi.check_task(task)
     if bind:
       actor_ids(task, tokenizer)
     babi.split_seed(split, seed)
     if num_samples < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    steps = [int(first) for first, _ in curriculum]
-    if curriculum and (steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:]))):
-      raise ValueError(f"curriculum steps must start at 0 and increase, got {steps}")
-    for _, length in curriculum:
+    self.curriculum = _check_schedule("curriculum", curriculum)
+    for _, length in self.curriculum:
       babi.sentence_range(task, length)
+    self.segment_curriculum = _check_schedule("segment_curriculum", segment_curriculum)
+    if self.segment_curriculum and fact_segments is not None:
+      raise ValueError("pass fact_segments or segment_curriculum, not both")
+    for _, n in self.segment_curriculum:
+      if not 1 <= n <= num_segments - 1:
+        raise ValueError(f"segment_curriculum: n={n} context segments must be in 1..num_segments - 1 = "
+                         f"{num_segments - 1}")
     self.task, self.split, self.seed, self.tokenizer = task, split, seed, tokenizer
     self.num_segments, self.segment_length, self.num_samples = num_segments, segment_length, num_samples
-    self.num_sentences, self.max_attempts = num_sentences, max_attempts
-    self.curriculum = tuple((int(first), length) for first, length in curriculum)
+    self.num_sentences, self.fact_segments, self.max_attempts = num_sentences, fact_segments, max_attempts
     self.offset = question_offset(task, tokenizer, segment_length)
     self._row_kw = dict(loss_on=loss_on, filler_density=filler_density,
-                        filler=filler or filler_lib.TemplateFiller(), fact_segments=fact_segments,
-                        add_bos=add_bos, offset=self.offset, questions=questions, bind=bind)
+                        filler=filler or filler_lib.TemplateFiller(), add_bos=add_bos, offset=self.offset,
+                        questions=questions, bind=bind)
 
   def __len__(self) -> int:
     return self.num_samples
 
   def story_length(self, step: int):
     """The `num_sentences` of rows read at `step`: the curriculum's entry then, else the constructor's."""
-    length = self.num_sentences
-    for first, entry in self.curriculum:
-      if first <= step:
-        length = entry
-    return length
+    return _at_step(self.curriculum, step, self.num_sentences)
+
+  def fact_range(self, step: int) -> tuple[int, int] | None:
+    """The `fact_segments` of rows read at `step`: (C-1-n, C-2) of the segment curriculum's entry n then,
+    else the constructor's (None: every context segment)."""
+    n = _at_step(self.segment_curriculum, step, None)
+    last = self.num_segments - 2
+    return self.fact_segments if n is None else (last + 1 - n, last)
 
   def _draw(self, index: int, step: int = 0):
     if not 0 <= index < self.num_samples:
       raise IndexError(f"row {index} out of range for a QASource of {self.num_samples} rows")
     errors = []
-    num_sentences = self.story_length(step)
+    num_sentences, fact_segments = self.story_length(step), self.fact_range(step)
     for attempt in range(self.max_attempts):
       sample = babi.generate(self.task, self.seed, index + attempt * self.num_samples,
                              num_sentences=num_sentences, split=self.split)
@@ -338,7 +366,8 @@ class QASource:
       question_seed = int(np.random.default_rng([stream, index, 0x9B]).integers(2**62))
       try:
         return attempt, encode_qa_row(sample, self.tokenizer, self.num_segments, self.segment_length, rng,
-                                      question_seed=question_seed, **self._row_kw)
+                                      question_seed=question_seed, fact_segments=fact_segments,
+                                      **self._row_kw)
       except QALayoutError as e:
         errors.append(str(e))
     raise ValueError(f"{self.task}: row {index}: no story fits {self.num_segments} segments of "
@@ -349,7 +378,8 @@ class QASource:
     return self._draw(int(index))[1]
 
   def row_at_step(self, index: int, step: int) -> dict[str, np.ndarray]:
-    """Row `index` as training step `step` reads it (the curriculum's story length at that step)."""
+    """Row `index` as training step `step` reads it (the curricula's story length and fact segments at
+    that step)."""
     return self._draw(int(index), int(step))[1]
 
   def rejections(self, index: int, step: int = 0) -> int:

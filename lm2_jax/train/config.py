@@ -91,6 +91,12 @@ class DataConfig:
       many sentences (num_sentences 0: from the task's default minimum). It replaces max_sentences for
       training rows only; held-out rows keep num_sentences..max_sentences. The rows of a step depend on
       the step alone, so a resumed run reads the same rows. Empty = none.
+    segment_curriculum: how far back the training rows' facts lie, by step (QA; RMT-style):
+      [[step, n], ...], the first at step 0, steps increasing, 1 <= n <= num_segments - 1. From each
+      entry's step on, a training row's facts lie in the last n context segments before the question
+      segment (segments C-1-n..C-2), so the memory first carries facts across few segments, later across
+      more. The row's shape does not change (no recompilation); it composes with `curriculum` and is
+      exactly resumable likewise. Held-out rows keep every context segment. Empty = none.
     tokenizer: `byte` (no file), `words` (built-in bAbI vocabulary, or a vocabulary file),
       `sentencepiece` or `hf`; tokenizer_path: its file.
     train_files, eval_files: comma-separated files / directories / globs of a `text` run, or
@@ -126,6 +132,7 @@ class DataConfig:
   num_sentences: int = 0
   max_sentences: int = 0
   curriculum: tuple[tuple[int, int], ...] = ()
+  segment_curriculum: tuple[tuple[int, int], ...] = ()
   tokenizer: str = "byte"
   tokenizer_path: str = ""
   train_files: str = ""
@@ -394,6 +401,7 @@ def from_dict(data: dict) -> RunConfig:
   if cfg.mesh.num_devices < 0:
     raise ConfigError(f"mesh.num_devices={cfg.mesh.num_devices}: use 0 (all devices) or a count")
   _check_curriculum(cfg.data)
+  _check_segment_curriculum(cfg.data)
   if cfg.data.bind and not (cfg.data.kind == "recall" or (cfg.data.kind == "qa" and cfg.data.task == "qa1")):
     raise ConfigError(f"data.bind=true needs data.kind=recall or a qa1 run (data.kind=qa, data.task=qa1); "
                       f"got data.kind={cfg.data.kind}, data.task={cfg.data.task}")
@@ -402,20 +410,38 @@ def from_dict(data: dict) -> RunConfig:
   return cfg
 
 
+def _check_schedule(key: str, schedule: tuple, data: DataConfig, what: str, example: str) -> None:
+  """A QA run's by-step schedule `key` ([[step, value], ...]): steps from 0, increasing."""
+  if data.kind != "qa":
+    raise ConfigError(f"{key} sets {what} of QA rows; data.kind={data.kind} has none")
+  steps = [step for step, _ in schedule]
+  if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+    raise ConfigError(f"{key}: the steps must start at 0 and increase, got {steps}; {example}")
+
+
 def _check_curriculum(data: DataConfig) -> None:
   """`data.curriculum`: [[step, max_sentences], ...] from step 0, steps increasing, a QA run."""
   if not data.curriculum:
     return
   example = "e.g. data.curriculum=[[0, 2], [300, 4], [600, 6]] (max_sentences from that step on)"
-  if data.kind != "qa":
-    raise ConfigError(f"data.curriculum sets the story length of QA rows; data.kind={data.kind} has none")
-  steps = [step for step, _ in data.curriculum]
-  if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
-    raise ConfigError(f"data.curriculum: the steps must start at 0 and increase, got {steps}; {example}")
+  _check_schedule("data.curriculum", data.curriculum, data, "the story length", example)
   for step, most in data.curriculum:
     if most < max(1, data.num_sentences):
       raise ConfigError(f"data.curriculum: max_sentences={most} at step {step} must be >= 1 and >= "
                         f"data.num_sentences={data.num_sentences}; {example}")
+
+
+def _check_segment_curriculum(data: DataConfig) -> None:
+  """`data.segment_curriculum`: [[step, n], ...] from step 0, steps increasing, 1 <= n <= C-1, a QA run."""
+  if not data.segment_curriculum:
+    return
+  example = ("e.g. data.segment_curriculum=[[0, 1], [200, 2], [400, 3]] (facts in the last n context "
+             "segments from that step on)")
+  _check_schedule("data.segment_curriculum", data.segment_curriculum, data, "where the facts lie", example)
+  for step, n in data.segment_curriculum:
+    if not 1 <= n <= data.num_segments - 1:
+      raise ConfigError(f"data.segment_curriculum: n={n} at step {step} must be in 1..data.num_segments - 1"
+                        f" = {data.num_segments - 1} (the context segments before the question); {example}")
 
 
 def load_config(path: str | pathlib.Path, overrides: list[str] = (), validate_model: bool = True

@@ -49,10 +49,12 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
                   num_sentences=story_length(cfg), bind=cfg.bind)
     try:
       train = qa.QASource(split="train", num_samples=cfg.train_size, loss_on=cfg.loss_on,
-                          questions=cfg.questions, curriculum=_curriculum(cfg), **common)
+                          questions=cfg.questions, curriculum=_curriculum(cfg),
+                          segment_curriculum=cfg.segment_curriculum, **common)
       held_out = qa.QASource(split="validation", num_samples=cfg.eval_size, loss_on="answer", **common)
     except ValueError as e:
       raise ConfigError(f"data section (qa): {e}") from e
+    _check_rows_at_switches(train, cfg)
     return train, held_out
   from lm2_jax.data import corpora, packing  # pylint: disable=g-import-not-at-top
 
@@ -123,6 +125,19 @@ def _curriculum(cfg: DataConfig) -> tuple:
       raise ConfigError(f"data.curriculum: max_sentences={most} at step {step} is below the stories' "
                         f"minimum of {low} sentences (data.num_sentences, else the {cfg.task} default)")
   return tuple((step, (low, most)) for step, most in cfg.curriculum)
+
+
+def _check_rows_at_switches(source, cfg: DataConfig) -> None:
+  """Draws row 0 at every curriculum step, so a layout no story fits stops the run at start-up, not at
+  the step where it begins."""
+  steps = sorted({step for step, _ in cfg.curriculum} | {step for step, _ in cfg.segment_curriculum})
+  for step in steps:
+    try:
+      source.row_at_step(0, step)
+    except ValueError as e:
+      where = source.fact_range(step) or "all"
+      raise ConfigError(f"data.curriculum / data.segment_curriculum at step {step} (story length "
+                        f"{source.story_length(step)}, fact segments {where}): {e}") from e
 
 
 def train_iterator(source, cfg: DataConfig, global_batch_size: int, seed: int):
