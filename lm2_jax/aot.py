@@ -195,7 +195,8 @@ def compile_plan(plan_: Plan, hbm_limit: float | None = None, save_hlo: str = ""
                                   bound=cfg.data.bind)
   t0 = time.perf_counter()
   lowered = step_lib.lower_train_step(
-      step_lib.make_train_step(model, tx, schedule, cfg.train.micro_batches, mesh),
+      step_lib.make_train_step(model, tx, schedule, cfg.train.micro_batches, mesh,
+                               memory_aux_weight=cfg.train.memory_aux_weight),
       shardings, abstract, batch, mesh)
   lowered_text = lowered.as_text(dialect="hlo")
   lowered_hlo = aot_hlo.analyze(lowered_text)

@@ -48,6 +48,13 @@ class TrainConfig:
     init_from: checkpoint whose parameters start a fresh run (lm2_jax.train.warm_start): a
       `python -m lm2_jax.convert import` directory or a train.py run/checkpoints/step directory;
       empty = random init. Ignored when the run resumes from its own checkpoint.
+    memory_aux_weight: w >= 0 of an auxiliary loss on the memory write: the training objective adds
+      w * memory_aux, memory_aux = -(mutual information, in nats, between a segment's real tokens and the
+      memory rows they write to) = -(H(the segment's mean write weights) - mean over its real tokens of
+      H(a token's write weights)), averaged over memory blocks and (row, segment with a real token)
+      (`lm2_jax.train.diagnostics.write_information`): it rewards writes spread over the rows with each
+      token decisive. Logged as `memory_aux` in metrics.jsonl; `loss` stays the NLL. Needs LM2 memory
+      blocks that sow write weights: `memory_write` slots, keyed or delta (not tokens, not RMT). 0 = off.
   """
 
   steps: int = 1000
@@ -64,6 +71,7 @@ class TrainConfig:
   weight_decay: float = 0.1
   clip_norm: float = 1.0
   init_from: str = ""
+  memory_aux_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,12 +249,30 @@ class RunConfig:
     from lm2_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
     try:
-      return ModelConfig.from_dict(dict(self.model))
+      model_cfg = ModelConfig.from_dict(dict(self.model))
     except (ValueError, TypeError) as e:
       raise ConfigError(f"model section: {e}") from e
+    _check_memory_aux(self.train.memory_aux_weight, model_cfg)
+    return model_cfg
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+
+def _check_memory_aux(weight: float, model_cfg) -> None:
+  """`train.memory_aux_weight` > 0 needs LM2 memory blocks that sow their write weights."""
+  if weight <= 0:
+    return
+  key = f"train.memory_aux_weight={weight}"
+  if model_cfg.use_memory and model_cfg.memory_kind == "rmt":
+    raise ConfigError(f"{key} is a loss on the LM2 memory write; model.memory_kind=rmt writes memory tokens "
+                      "with attention, not weights over memory rows")
+  if model_cfg.num_memory_layers == 0:
+    raise ConfigError(f"{key} is a loss on the LM2 memory write; this model has no memory blocks "
+                      "(model.use_memory / model.memory_layers)")
+  if model_cfg.memory_write == "tokens":
+    raise ConfigError(f"{key} needs per-token write weights over the memory rows; model.memory_write=tokens "
+                      "rewrites every row from all tokens (use slots, keyed or delta)")
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

@@ -22,6 +22,9 @@ Per memory block i (`block{i}`), each a mean over the held-out rows:
 
 The eval step returns, per block and name, per-row sums and weights [B] (`row_sums`), so batches
 aggregate exactly (`evaluate.evaluate` divides the totals).
+
+`write_information` is the training side (`train.memory_aux_weight`): the mutual information between a
+segment's real tokens and the rows they write to, differentiable, from the same sown `write_routes`.
 """
 
 from __future__ import annotations
@@ -74,6 +77,58 @@ def _entropy(p: Array) -> Array:
   return h / math.log(m) if m > 1 else h
 
 
+def _by_segment(x: Array, t: int) -> Array:
+  """[B, C*T] -> [C, B, T] float32 (the sown arrays' layout)."""
+  b, s = x.shape
+  return jnp.swapaxes(x.reshape(b, s // t, t), 0, 1).astype(jnp.float32)
+
+
+def _plogp(p: Array) -> Array:
+  """p log p, 0 where p <= 0 with a zero gradient there (the keyed write's one-hot routes are exact zeros
+  that its straight-through gradient reaches; xlogy's gradient is infinite there)."""
+  positive = p > 0
+  return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
+
+
+def write_information_count(cfg: ModelConfig, valid: Array) -> Array:
+  """How many terms `write_information` sums for `valid` [B, C*T]: memory blocks x (row, segment with a
+  real token) pairs, float32; it depends on the batch alone, so micro-batches can share the whole batch's."""
+  real = _by_segment(valid, cfg.segment_length)
+  return cfg.num_memory_layers * jnp.sum(jnp.max(real, axis=-1))
+
+
+def write_information(intermediates: PyTree, cfg: ModelConfig, valid: Array) -> Array:
+  """Summed mutual information (nats) between a segment's real tokens and the memory rows they write to.
+
+  Per memory block, row and segment with a real token: I = H(mean_t p_t) - mean_t H(p_t), with p_t a real
+  token's write weights over the M rows (`write_routes` normalised to sum 1; the delta write's squared unit
+  address) and t uniform over the segment's real tokens, averaged over memory heads. Large when the
+  segment's writes spread over the rows while each token is decisive; 0 when every token writes the
+  same distribution. Differentiable (the keyed write's through its straight-through routes).
+
+  Args:
+    intermediates: as in `block_arrays`; the blocks must sow `write_routes` (not `memory_write: tokens`).
+    cfg: the model's config.
+    valid: [B, C*T] real tokens.
+  Returns:
+    float32 scalar: the sum of I over blocks, rows and segments with a real token; divide by
+    `write_information_count` for the mean.
+  """
+  real = _by_segment(valid, cfg.segment_length)                         # [C, B, T]
+  tokens = jnp.maximum(jnp.sum(real, axis=-1), 1.0)[..., None]          # [C, B, 1]
+  total = jnp.zeros((), jnp.float32)
+  for sown in block_arrays(intermediates, cfg):
+    routes = sown["write_routes"].astype(jnp.float32)                  # [C, B, Nm, T, M]
+    w = routes * routes if cfg.memory_write == "delta" else routes
+    mass = jnp.sum(w, axis=-1, keepdims=True)
+    p = w / jnp.where(mass > 0, mass, 1.0)
+    mean = jnp.einsum("CBNTM,CBT->CBNM", p, real) / tokens[..., None]
+    spread = -jnp.sum(_plogp(mean), axis=-1)                             # [C, B, Nm]
+    decisive = -jnp.einsum("CBNT,CBT->CBN", jnp.sum(_plogp(p), axis=-1), real) / tokens
+    total += jnp.sum(jnp.mean(spread - decisive, axis=-1))                # segments without a token: 0
+  return total
+
+
 def row_sums(intermediates: PyTree, cfg: ModelConfig, valid: Array, loss_mask: Array
              ) -> dict[str, dict[str, tuple[Array, Array]]]:
   """Per block and diagnostic, per-row (sum, weight) float32 [B]; the diagnostic is sum / weight.
@@ -85,12 +140,9 @@ def row_sums(intermediates: PyTree, cfg: ModelConfig, valid: Array, loss_mask: A
   Returns:
     {"block{i}": {name: (sum [B], weight [B])}} (module docstring for the names); {} without LM2 memory.
   """
-  b, s = valid.shape
   t = cfg.segment_length
-  def segments(x):   # [B, C*T] -> [C, B, T] float32
-    return jnp.swapaxes(x.reshape(b, s // t, t), 0, 1).astype(jnp.float32)
-  real = segments(valid)
-  scored = segments(loss_mask > 0) * real
+  real = _by_segment(valid, t)
+  scored = _by_segment(loss_mask > 0, t) * real
   has_real = (jnp.sum(real, axis=-1) > 0).astype(jnp.float32)          # [C, B]
   squared = cfg.memory_write == "delta"       # unit addresses: the weights are their squares
 

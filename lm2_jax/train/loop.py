@@ -172,7 +172,8 @@ def _train(cfg: RunConfig, model_cfg, mesh, sources, cleanup: contextlib.ExitSta
                                        bound=cfg.data.bind)
   t0 = time.perf_counter()
   train_step = step_lib.compile_train_step(
-      step_lib.make_train_step(model, tx, schedule, cfg.train.micro_batches, mesh),
+      step_lib.make_train_step(model, tx, schedule, cfg.train.micro_batches, mesh,
+                               memory_aux_weight=cfg.train.memory_aux_weight),
       shardings, abstract, batch_spec, mesh)
   memory_diagnostics = cfg.logging.memory_diagnostics and diagnostics_lib.available(model_cfg)
   eval_step = step_lib.compile_eval_step(step_lib.make_eval_step(model, memory_diagnostics),
@@ -214,7 +215,8 @@ def _train(cfg: RunConfig, model_cfg, mesh, sources, cleanup: contextlib.ExitSta
     if step_done % cfg.logging.every == 0 or step_done == cfg.train.steps:
       elapsed = time.perf_counter() - window_start
       window_start = time.perf_counter()
-      row = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "accuracy", "grad_norm")}
+      row = {k: float(np.mean([w[k] for w in window]))
+             for k in ("loss", "accuracy", "grad_norm", "memory_aux") if k in values}
       step_time = elapsed / len(window)
       row.update(lr=values["lr"], step_time=step_time,
                  tokens_per_s=cfg.train.batch_size * seq_len / step_time,

@@ -3,6 +3,11 @@
 The loss is token-weighted over the batch: sum of masked NLL / max(sum of mask, 1). Gradient accumulation
 scans over micro-batches summing the NLL gradient and the mask weight, and divides once at the end, so
 any number of micro-batches gives the same update as one full batch (up to float summation order).
+
+With `memory_aux_weight` w > 0 the objective is that loss plus w * memory_aux, memory_aux = -(the mean
+mutual information between a segment's real tokens and the memory rows they write to,
+`diagnostics.write_information`), read differentiably from the sown write routes. Its mean is over terms
+counted on the whole batch, so it too is the same for any number of micro-batches.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def _loss_stats(model: nn.Module, params: PyTree, batch: dict, rng, intermediate
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    micro_batches: int, mesh: Mesh | None = None) -> Callable:
+                    micro_batches: int, mesh: Mesh | None = None, memory_aux_weight: float = 0.0
+                    ) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics), pure and unjitted.
 
   Args:
@@ -54,24 +60,39 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     schedule: the learning-rate schedule, reported in the metrics.
     micro_batches: A, gradient-accumulation chunks; must divide the batch.
     mesh: when given, each micro-batch is constrained to the batch sharding (rows over data x fsdp).
+    memory_aux_weight: w >= 0 of the write-information term (module docstring); > 0 needs a model whose
+      LM2 memory blocks sow `write_routes` (`memory_write` slots, keyed or delta). 0: the plain loss.
 
-  Metrics are float32 scalars: loss, accuracy (masked token accuracy), grad_norm (before clipping), lr
-  (of this step), tokens (masked tokens in the batch).
+  Metrics are float32 scalars: loss (the NLL, without the auxiliary term), accuracy (masked token
+  accuracy), grad_norm (before clipping), lr (of this step), tokens (masked tokens in the batch); with
+  w > 0 also memory_aux (nats, unweighted).
   """
+  aux = memory_aux_weight > 0
 
-  def nll_and_grads(params, batch, rng):
-    def nll_sum(p):
-      stats = _loss_stats(model, p, batch, rng)
+  def nll_and_grads(params, batch, rng, aux_scale):
+    def objective(p):
+      if not aux:
+        stats = _loss_stats(model, p, batch, rng)
+        nll = stats.nll_sum.sum()
+        return nll, (nll, stats.weight_sum.sum(), stats.correct_sum.sum(), jnp.zeros((), jnp.float32))
+      stats, intermediates = _loss_stats(model, p, batch, rng, intermediates=True)
       nll = stats.nll_sum.sum()
-      return nll, (nll, stats.weight_sum.sum(), stats.correct_sum.sum())
-    grads, (nll, weight, correct) = jax.grad(nll_sum, has_aux=True)(params)
-    return grads, nll, weight, correct
+      info = diagnostics_lib.write_information(intermediates, model.cfg, batch["valid"])
+      return nll - aux_scale * info, (nll, stats.weight_sum.sum(), stats.correct_sum.sum(), info)
+    grads, (nll, weight, correct, info) = jax.grad(objective, has_aux=True)(params)
+    return grads, nll, weight, correct, info
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     batch = model_inputs(batch)
     rng, step_rng = jax.random.split(state.rng)
+    aux_scale = terms = None
+    if aux:
+      # Gradients are divided by the batch's loss weight at the end; scaling the information by it here
+      # leaves w * d(memory_aux) after that division, memory_aux's terms counted on the whole batch.
+      terms = jnp.maximum(diagnostics_lib.write_information_count(model.cfg, batch["valid"]), 1.0)
+      aux_scale = memory_aux_weight * jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0) / terms
     if micro_batches == 1:
-      grads, nll, weight, correct = nll_and_grads(state.params, batch, step_rng)
+      grads, nll, weight, correct, info = nll_and_grads(state.params, batch, step_rng, aux_scale)
     else:
       def split(x):
         # Row i*A + a goes to micro-batch a: every micro-batch keeps rows on every data shard.
@@ -83,14 +104,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
       def body(carry, xs):
         micro, index = xs
-        g, n, w, c = nll_and_grads(state.params, micro, jax.random.fold_in(step_rng, index))
-        acc_g, acc_n, acc_w, acc_c = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_n + n, acc_w + w, acc_c + c), None
+        g, *sums = nll_and_grads(state.params, micro, jax.random.fold_in(step_rng, index), aux_scale)
+        acc_g, *acc = carry
+        return (jax.tree.map(jnp.add, acc_g, g), *(a + x for a, x in zip(acc, sums))), None
 
       zero = jnp.zeros((), jnp.float32)
-      carry = (jax.tree.map(jnp.zeros_like, state.params), zero, zero, zero)
+      carry = (jax.tree.map(jnp.zeros_like, state.params), zero, zero, zero, zero)
       xs = (jax.tree.map(split, batch), jnp.arange(micro_batches))
-      (grads, nll, weight, correct), _ = jax.lax.scan(body, carry, xs)
+      (grads, nll, weight, correct, info), _ = jax.lax.scan(body, carry, xs)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -102,6 +123,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "tokens": weight,
     }
+    if aux:
+      metrics["memory_aux"] = -info / terms
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new_state, metrics
 

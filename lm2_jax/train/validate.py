@@ -37,6 +37,7 @@ def check_config(cfg: RunConfig) -> None:
       ("train.eps", t.eps, t.eps > 0, "must be > 0"),
       ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
       ("train.clip_norm", t.clip_norm, t.clip_norm >= 0, "must be >= 0 (0 = no clipping)"),
+      ("train.memory_aux_weight", t.memory_aux_weight, t.memory_aux_weight >= 0, "must be >= 0 (0 = off)"),
       ("logging.eval_every", cfg.logging.eval_every, cfg.logging.eval_every >= 0,
        "must be >= 0 (0 = only at the end)"),
       ("logging.eval_batches", cfg.logging.eval_batches, cfg.logging.eval_batches >= 0,
