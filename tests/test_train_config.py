@@ -1,5 +1,6 @@
 """Run config: composition, overrides, and start-up errors that name the bad key."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -106,3 +107,16 @@ def test_every_segment_questions_reach_training_rows_only():
     return [int(np.sum(src[i]["targets"][src[i]["loss_mask"] > 0] == src.tokenizer.eos_id)) for i in range(64)]
 
   assert max(answers(train)) > 1 and set(answers(held_out)) == {1}
+
+
+def test_a_text_run_names_data_on_error_and_skips_with_it(tmp_path, capsys):
+  (tmp_path / "good.txt").write_text("a readable document " * 20)
+  (tmp_path / "bad.txt").write_bytes(b"fine so far \xff\xfe not UTF-8")
+  data = config_lib.DataConfig(kind="text", train_files=str(tmp_path / "*.txt"),
+                               eval_files=str(tmp_path / "good.txt"), num_segments=2)
+  with pytest.raises(config_lib.ConfigError, match=r"data.train_files: .*bad.txt: invalid UTF-8 at byte "
+                     r"offset 12 \(set data.on_error=skip"):
+    inputs.make_sources(data, 8, 260)
+  train_rows, _ = inputs.make_sources(dataclasses.replace(data, on_error="skip"), 8, 260)
+  assert train_rows.corpus_stats.skipped == {"decode_error": 1} and len(train_rows) > 0
+  assert "data.train_files: skipped 1 decode_error; first: " in capsys.readouterr().err

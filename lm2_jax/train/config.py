@@ -110,6 +110,9 @@ class DataConfig:
     train_files, eval_files: comma-separated files / directories / globs of a `text` run, or
       `stdlib:train` / `stdlib:held_out` (the running Python's standard library sources, split by a hash of
       each file's path: `lm2_jax.data.stdlib`).
+    on_error: what a `text` run does with an undecodable file or a bad JSONL line: `fail` (stop, naming
+      the file and the line or byte offset) or `skip` (skip it and count it; the counts are printed).
+    text_field: the (dotted) key of the document text in JSONL lines of a `text` run.
     align: how a `text` run cuts documents into rows: `stream` (greedy concatenation) or `document`
       (every document starts a row, its last row padded: segment c of such a row is segment c of the
       document; `lm2_jax.data.packing`).
@@ -146,6 +149,8 @@ class DataConfig:
   train_files: str = ""
   eval_files: str = ""
   align: Literal["stream", "document"] = "stream"
+  on_error: Literal["fail", "skip"] = "fail"
+  text_field: str = "text"
   shuffle: bool = True
   worker_count: int = 0
   bind: bool = False

@@ -9,6 +9,7 @@ sees the same rows in the same order.
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Iterator
 
 import jax
@@ -63,11 +64,19 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
       raise ConfigError(f"data.{key} is empty; a `text` run needs comma-separated files or globs")
     paths = tuple(p.strip() for p in files.split(",") if p.strip())
     try:
-      return packing.pack_corpus(corpora.CorpusConfig(paths=paths), tokenizer,
-                                 num_segments=cfg.num_segments, segment_len=segment_length,
-                                 align=cfg.align, cache_dir=None if cache_dir is None else str(cache_dir))
+      packed = packing.pack_corpus(
+          corpora.CorpusConfig(paths=paths, on_error=cfg.on_error, text_field=cfg.text_field), tokenizer,
+          num_segments=cfg.num_segments, segment_len=segment_length, align=cfg.align,
+          cache_dir=None if cache_dir is None else str(cache_dir))
     except (ValueError, FileNotFoundError) as e:
-      raise ConfigError(f"data.{key}: {e}") from e
+      # The corpus reader names its own options; in a run they are keys of the data section.
+      message = str(e).replace("corpus.on_error='skip'", "data.on_error=skip").replace("corpus.", "data.")
+      raise ConfigError(f"data.{key}: {message}") from e
+    skipped = packed.corpus_stats.skipped if packed.corpus_stats else {}
+    if skipped and jax.process_index() == 0:
+      counts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+      print(f"data.{key}: skipped {counts}; first: {packed.corpus_stats.examples[0]}", file=sys.stderr)
+    return packed
   return corpus(cfg.train_files, "train_files"), corpus(cfg.eval_files, "eval_files")
 
 
