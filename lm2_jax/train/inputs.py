@@ -70,7 +70,11 @@ def make_sources(cfg: DataConfig, segment_length: int, vocab_size: int,
           cache_dir=None if cache_dir is None else str(cache_dir))
     except (ValueError, FileNotFoundError) as e:
       # The corpus reader names its own options; in a run they are keys of the data section.
-      message = str(e).replace("corpus.on_error='skip'", "data.on_error=skip").replace("corpus.", "data.")
+      message = str(e)
+      for option, run_key in (("corpus.on_error='skip'", "data.on_error=skip"),
+                              ("corpus.on_error", "data.on_error"), ("corpus.text_field", "data.text_field"),
+                              ("corpus.paths", f"data.{key}")):
+        message = message.replace(option, run_key)
       raise ConfigError(f"data.{key}: {message}") from e
     skipped = packed.corpus_stats.skipped if packed.corpus_stats else {}
     if skipped and jax.process_index() == 0:

@@ -71,14 +71,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
   def nll_and_grads(params, batch, rng, aux_scale):
     def objective(p):
-      if not aux:
-        stats = _loss_stats(model, p, batch, rng)
-        nll = stats.nll_sum.sum()
-        return nll, (nll, stats.weight_sum.sum(), stats.correct_sum.sum(), jnp.zeros((), jnp.float32))
-      stats, intermediates = _loss_stats(model, p, batch, rng, intermediates=True)
+      out = _loss_stats(model, p, batch, rng, intermediates=aux)
+      stats, intermediates = out if aux else (out, None)
       nll = stats.nll_sum.sum()
-      info = diagnostics_lib.write_information(intermediates, model.cfg, batch["valid"])
-      return nll - aux_scale * info, (nll, stats.weight_sum.sum(), stats.correct_sum.sum(), info)
+      info = (diagnostics_lib.write_information(intermediates, model.cfg, batch["valid"]) if aux
+              else jnp.zeros((), jnp.float32))
+      loss = nll - aux_scale * info if aux else nll
+      return loss, (nll, stats.weight_sum.sum(), stats.correct_sum.sum(), info)
     grads, (nll, weight, correct, info) = jax.grad(objective, has_aux=True)(params)
     return grads, nll, weight, correct, info
 
@@ -141,11 +140,9 @@ def make_eval_step(model: nn.Module, memory_diagnostics: bool = False) -> Callab
 
   def eval_step(params: PyTree, batch: dict) -> dict:
     batch = model_inputs(batch)
-    rng = jax.random.PRNGKey(0)
+    stats = _loss_stats(model, params, batch, jax.random.PRNGKey(0), intermediates=memory_diagnostics)
     if memory_diagnostics:
-      stats, intermediates = _loss_stats(model, params, batch, rng, intermediates=True)
-    else:
-      stats = _loss_stats(model, params, batch, rng)
+      stats, intermediates = stats
     out = {"nll_sum": stats.nll_sum, "weight_sum": stats.weight_sum, "correct_sum": stats.correct_sum}
     if memory_diagnostics:
       out["memory"] = diagnostics_lib.row_sums(intermediates, model.cfg, batch["valid"],
