@@ -2,6 +2,8 @@
 
 - Chunked causal self-attention (segments of >= CAUSAL_CHUNK_MIN_LENGTH tokens skip the keys after
   each query chunk) == causal attention in NumPy, values and gradients.
+- Projections run as one 2D matmul between reshapes (`layers.dense_einsum`) == their einsum, values and
+  gradients, and really lower to a 2D dot.
 - A memory-less model runs its independent segments as one step over B*C rows instead of a scan;
   its logits and per-row loss sums are those of each segment run on its own.
 """
@@ -69,3 +71,30 @@ def test_memoryless_segments_folded_into_rows_equal_each_segment_alone():
     nll -= np.asarray(jnp.sum(picked * mask[:, part], axis=1))
   np.testing.assert_allclose(np.asarray(stats.nll_sum), nll, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(stats.weight_sum), np.asarray(mask.sum(1)), rtol=1e-6)
+
+
+# Every projection equation of the model (layers.py, memory.py, lm2.py) and one that is not a projection.
+PROJECTIONS = [("BTD,DNH->BTNH", (2, 3, 8), (8, 2, 4)), ("BTNH,NHD->BTD", (2, 3, 2, 4), (2, 4, 8)),
+               ("BTD,DF->BTF", (2, 3, 8), (8, 6)), ("BMD,DE->BME", (2, 5, 8), (8, 8)),
+               ("BTD,DV->BTV", (2, 3, 8), (8, 11))]
+
+
+def test_dense_einsum_equals_einsum_values_and_gradients():
+  from lm2_jax.model.layers import dense_einsum
+
+  rng = np.random.default_rng(0)
+  for eqn, xs, ks in PROJECTIONS + [("BTD,BSD->BTS", (2, 3, 8), (2, 4, 8))]:
+    x, k = rng.normal(size=xs).astype(np.float32), rng.normal(size=ks).astype(np.float32)
+    np.testing.assert_allclose(dense_einsum(eqn, x, k), np.einsum(eqn, x, k), rtol=1e-5, atol=1e-5)
+    loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(eqn, x, k))))
+    for a, b in zip(jax.grad(loss(dense_einsum), (0, 1))(x, k), jax.grad(loss(jnp.einsum), (0, 1))(x, k)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_einsum_projections_lower_to_2d_matmuls():
+  from lm2_jax.model.layers import dense_einsum
+
+  for eqn, xs, ks in PROJECTIONS:
+    jaxpr = jax.make_jaxpr(lambda x, k: dense_einsum(eqn, x, k))(jnp.zeros(xs), jnp.zeros(ks))
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 1 and [v.aval.ndim for v in dots[0].invars] == [2, 2], (eqn, jaxpr)

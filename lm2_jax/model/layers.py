@@ -6,6 +6,8 @@ key map, and carry logical axis names for the sharding rules of `lm2_jax.train.m
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,7 +60,30 @@ class Einsum(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = param_with_axes(self, "kernel", normal_init(self.cfg), self.shape, self.axes,
                              self.cfg.weight_dtype)
-    return jnp.einsum(self.eqn, x, kernel.astype(self.cfg.compute_dtype))
+    return dense_einsum(self.eqn, x, kernel.astype(self.cfg.compute_dtype))
+
+
+def dense_einsum(eqn: str, x: Array, kernel: Array) -> Array:
+  """`jnp.einsum(eqn, x, kernel)` for a projection "<lead><in>,<in><out>-><lead><out>", as one
+  [prod(lead), prod(in)] x [prod(in), prod(out)] matmul between reshapes; other equations as einsum.
+
+  Why: with two or more lead axes ([B, T, D] activations) XLA's CPU backend computes the weight gradient
+  (a contraction over B and T) from a transposed copy of the activation gradient, written by a slow
+  strided pass: an [8192, 128] -> [8192, 384] SwiGLU MLP's forward and backward took 106 ms as einsums
+  over [B, T, .] and 65 ms as 2D matmuls (bench/bench_vs_torch.py measures the step). The reshapes keep a
+  sharded lead axis major, so the shardings carry over; accelerators see the same dot.
+  """
+  inputs, out = eqn.split("->")
+  xs, ks = inputs.split(",")
+  lead = (len(xs) + len(out) - len(ks)) // 2  # xs = lead + in, ks = in + out', out = lead + out'
+  n_in = len(xs) - lead
+  if (lead < 1 or n_in < 1 or xs[:lead] != out[:lead] or ks[:n_in] != xs[lead:]
+      or ks[n_in:] != out[lead:]):
+    return jnp.einsum(eqn, x, kernel)
+  lead_shape, in_size = x.shape[:lead], math.prod(x.shape[lead:])
+  out_shape = kernel.shape[n_in:]
+  y = jnp.dot(x.reshape(-1, in_size), kernel.reshape(in_size, -1))
+  return y.reshape(*lead_shape, *out_shape)
 
 
 def constrain(x: Array, axes: tuple) -> Array:
@@ -140,18 +165,44 @@ def attend(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, k_valid: Ar
   Returns:
     [B, T, N, H] in q's dtype.
   """
+  qh, kh, vh = _heads_major(q, k, v)
+  return _tokens_major(_attend_heads(qh, kh, vh, _mask_bias(q_pos, k_pos, k_valid)))
+
+
+def _heads_major(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+  """q [B, T, N, H] -> scaled [B, K, G, T, H]; k, v [B, S, K, H] -> [B, K, S, H].
+
+  The score and value products are batched over (B, K[, G]); with those axes leading and T, S, H
+  trailing both are plain batched matmuls, where on the token-major layout XLA's CPU backend transposed
+  each [B, K, G, T, S] score tensor (bench/bench_vs_torch.py: 9% of a 256-token attention's time). The
+  scale goes on q ([T, N, H] values) rather than on the scores ([N, T, S])."""
   b, t, n, h = q.shape
   kh = k.shape[2]
-  # The scale goes on q ([T, N, H] values) rather than on the scores ([N, T, S]).
-  qg = (q * jnp.asarray(1.0 / h**0.5, q.dtype)).reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-  # The mask as an additive bias: its backward passes the gradient through unchanged, where a select
-  # would keep a boolean [B, K, G, T, S] residual for it.
-  visible = (k_pos[None, :] <= q_pos[:, None])[None] & k_valid[:, None, :]  # [B, T, S]
-  scores = scores + jnp.where(visible, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-  return out.reshape(b, t, n, h)
+  qg = (q * jnp.asarray(1.0 / h**0.5, q.dtype)).reshape(b, t, kh, n // kh, h)
+  return jnp.transpose(qg, (0, 2, 3, 1, 4)), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+
+def _tokens_major(out: Array) -> Array:
+  """[B, K, G, T, H] -> [B, T, N, H] (inverse of `_heads_major` for q)."""
+  b, kh, g, t, h = out.shape
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, kh * g, h)
+
+
+def _mask_bias(q_pos: Array, k_pos: Array, k_valid: Array) -> Array:
+  """[B, T, S] float32: 0 where key s is visible to query t, NEG_INF elsewhere.
+
+  The mask as an additive bias: its backward passes the gradient through unchanged, where a select
+  would keep a boolean [B, K, G, T, S] residual for it."""
+  visible = (k_pos[None, :] <= q_pos[:, None])[None] & k_valid[:, None, :]
+  return jnp.where(visible, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def _attend_heads(qh: Array, kh: Array, vh: Array, bias: Array) -> Array:
+  """softmax(q k^T + bias) v on the heads-major layout: qh [B, K, G, T, H], kh, vh [B, K, S, H],
+  bias [B, T, S] -> [B, K, G, T, H]."""
+  scores = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(vh.dtype)
+  return jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh)
 
 
 def causal_self_attend(q: Array, k: Array, v: Array, positions: Array, valid: Array) -> Array:
@@ -164,9 +215,11 @@ def causal_self_attend(q: Array, k: Array, v: Array, positions: Array, valid: Ar
   if t < CAUSAL_CHUNK_MIN_LENGTH or t % CAUSAL_CHUNKS:
     return attend(q, k, v, positions, positions, valid)
   c = t // CAUSAL_CHUNKS
-  outs = [attend(q[:, i:i + c], k[:, :i + c], v[:, :i + c], positions[i:i + c], positions[:i + c],
-                 valid[:, :i + c]) for i in range(0, t, c)]
-  return jnp.concatenate(outs, axis=1)
+  qh, kh, vh = _heads_major(q, k, v)
+  outs = [_attend_heads(qh[:, :, :, i:i + c], kh[:, :, :i + c], vh[:, :, :i + c],
+                        _mask_bias(positions[i:i + c], positions[:i + c], valid[:, :i + c]))
+          for i in range(0, t, c)]
+  return _tokens_major(jnp.concatenate(outs, axis=3))
 
 
 class Attention(nn.Module):
