@@ -291,7 +291,8 @@ class LM2(nn.Module):
 
   def _logits(self, h: Array) -> Array:
     if self.cfg.tie_embeddings:
-      logits = self.embed.attend(h)
+      # On [B*T, D] rows: the weight gradient is then one 2D matmul (see layers.dense_einsum).
+      logits = self.embed.attend(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)
     else:
       logits = self.lm_head(h)
     return constrain(logits.astype(jnp.float32), LOGIT_AXES)

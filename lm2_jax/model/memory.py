@@ -46,7 +46,8 @@ import jax.numpy as jnp
 
 from lm2_jax.model import delta as delta_lib
 from lm2_jax.model.config import ModelConfig
-from lm2_jax.model.layers import NEG_INF, TOKEN_AXES, Einsum, constrain, normal_init, param_with_axes
+from lm2_jax.model.layers import (NEG_INF, TOKEN_AXES, Einsum, constrain, dense_einsum, normal_init,
+                                  param_with_axes)
 from lm2_jax.typing import Array
 
 MEMORY_AXES = ("activation_batch", "activation_slots", "activation_embed")
@@ -98,7 +99,7 @@ class Gate(nn.Module):
     d = self.cfg.d_model
     kernel = param_with_axes(self, "kernel", normal_init(self.cfg), (d, d), ("embed", "mem_embed"),
                              self.cfg.weight_dtype)
-    z = jnp.einsum("BXD,DE->BXE", u, kernel.astype(self.cfg.compute_dtype))
+    z = dense_einsum("BXD,DE->BXE", u, kernel.astype(self.cfg.compute_dtype))
     bias = param_with_axes(self, "bias", nn.initializers.constant(self.bias_init), (d,),
                            ("mem_embed",), self.cfg.weight_dtype)
     return jax.nn.sigmoid(z.astype(jnp.float32) + bias.astype(jnp.float32)[None, None, :])
