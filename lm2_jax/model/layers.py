@@ -69,9 +69,9 @@ def dense_einsum(eqn: str, x: Array, kernel: Array) -> Array:
 
   Why: with two or more lead axes ([B, T, D] activations) XLA's CPU backend computes the weight gradient
   (a contraction over B and T) from a transposed copy of the activation gradient, written by a slow
-  strided pass: an [8192, 128] -> [8192, 384] SwiGLU MLP's forward and backward took 106 ms as einsums
-  over [B, T, .] and 65 ms as 2D matmuls (bench/bench_vs_torch.py measures the step). The reshapes keep a
-  sharded lead axis major, so the shardings carry over; accelerators see the same dot.
+  strided pass: a [32, 256, 128] -> 384 SwiGLU MLP's forward and backward takes ~1.5x as long as einsums
+  over [B, T, .] as with 2D matmuls (bench/bench_layouts.py). The reshapes keep a sharded lead axis major,
+  so the shardings carry over; accelerators see the same dot.
   """
   inputs, out = eqn.split("->")
   xs, ks = inputs.split(",")
@@ -173,8 +173,9 @@ def _heads_major(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
   """q [B, T, N, H] -> scaled [B, K, G, T, H]; k, v [B, S, K, H] -> [B, K, S, H].
 
   The score and value products are batched over (B, K[, G]); with those axes leading and T, S, H
-  trailing both are plain batched matmuls, where on the token-major layout XLA's CPU backend transposed
-  each [B, K, G, T, S] score tensor (bench/bench_vs_torch.py: 9% of a 256-token attention's time). The
+  trailing both are plain batched matmuls, where on the token-major layout XLA transposed each
+  [B, K, G, T, S] score tensor (on CPU within noise, bench/bench_layouts.py; the v5e-256 Llama-1.2B
+  compile: 9.13 -> 8.82 GiB a chip, est. 1.56 -> 1.49 s a step, docs/profile.md). The
   scale goes on q ([T, N, H] values) rather than on the scores ([N, T, S])."""
   b, t, n, h = q.shape
   kh = k.shape[2]
