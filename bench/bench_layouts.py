@@ -8,8 +8,12 @@ At the issue's dims (32 x 256 tokens, D 128, 4 heads of 32, MLP 384, float32), f
              (2D matmuls): XLA's CPU backend computes the einsums' weight gradients from transposed copies;
   attention  causal self-attention over 256 tokens in 4 query chunks, token-major (the einsums of the
              earlier `layers.attend`) against the heads-major `layers.causal_self_attend`;
-  step       the trainer's compiled step of the memory-less model (bench_train.compiled_step) against the
-             same step with the attention core replaced by q + k + v: the core's share of the step.
+  fused      the heads-major XLA attention against the fused CPU kernel (lm2_jax/kernels/cpu_attention.cc,
+             `ModelConfig.attention_kernel: auto`);
+  kernel     the trainer's compiled step of the memory-less model (bench_train.compiled_step) with
+             `attention_kernel: xla` against the same step with the fused kernel (the default);
+  step       that step against the same step with the attention core replaced by q + k + v: the core's
+             share of the step.
 
 Medians over rounds, timed alternately; ratios are what to read on a shared host.
 """
@@ -77,23 +81,29 @@ def _pairs():
   mlp_old, mlp_new = (_grad_fn(_mlp(p), probe_d) for p in (jnp.einsum, layers.dense_einsum))
   att_old = jax.jit(jax.grad(lambda q, k, v: jnp.sum(_token_major_causal(q, k, v, pos, valid) * probe_h),
                              argnums=(0, 1, 2)))
-  att_new = jax.jit(jax.grad(lambda q, k, v: jnp.sum(layers.causal_self_attend(q, k, v, pos, valid)
-                                                     * probe_h), argnums=(0, 1, 2)))
+  att_new, att_fused = (
+      jax.jit(jax.grad(lambda q, k, v, kern=kern: jnp.sum(
+          layers.causal_self_attend(q, k, v, pos, valid, kern) * probe_h), argnums=(0, 1, 2)))
+      for kern in ("xla", "auto"))
   return {"mlp": ((lambda: mlp_old(w, x)), (lambda: mlp_new(w, x))),
-          "attention": ((lambda: att_old(q, k, v)), (lambda: att_new(q, k, v)))}
+          "attention": ((lambda: att_old(q, k, v)), (lambda: att_new(q, k, v))),
+          "fused": ((lambda: att_new(q, k, v)), (lambda: att_fused(q, k, v)))}
 
 
-def _step_pair():
-  """(full step, step without the attention core) of the issue-dims memory-less model."""
+def _step_pairs():
+  """{"kernel": (step with XLA's attention, step with the fused kernel), "step": (step with the fused
+  kernel, step without the attention core)} of the issue-dims memory-less model."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from bench_train import compiled_step  # pylint: disable=g-import-not-at-top
   from bench_vs_torch import _model_configs  # pylint: disable=g-import-not-at-top
 
   nomem, _ = _model_configs("issue", T, 64, "float32")
-  steps = [list(compiled_step(nomem, B, 1))]
+  xla, fused = (list(compiled_step(dataclasses.replace(nomem, attention_kernel=kern), B, 1))
+                for kern in ("xla", "auto"))
   real = layers.causal_self_attend
-  layers.causal_self_attend = lambda q, k, v, positions, valid: q + k + v
+  layers.causal_self_attend = lambda q, k, v, positions, valid, kernel="xla": q + k + v
   try:
-    steps.append(list(compiled_step(nomem, B, 1)))
+    coreless = list(compiled_step(nomem, B, 1))
   finally:
     layers.causal_self_attend = real
 
@@ -102,7 +112,7 @@ def _step_pair():
       built[0], metrics = built[1](built[0], built[2])
       return metrics
     return run
-  return tuple(runner(s) for s in steps)
+  return {"kernel": (runner(xla), runner(fused)), "step": (runner(fused), runner(coreless))}
 
 
 def main(argv=None) -> None:
@@ -111,7 +121,7 @@ def main(argv=None) -> None:
   parser.add_argument("--calls", type=int, default=5, help="timed calls per turn")
   args = parser.parse_args(argv)
   absl.flags.FLAGS.mark_as_parsed()
-  pairs = {**_pairs(), "step": _step_pair()}
+  pairs = {**_pairs(), **_step_pairs()}
   times = {(name, i): [] for name in pairs for i in range(2)}
   for _ in range(args.rounds):
     for name, fns in pairs.items():
@@ -124,7 +134,9 @@ def main(argv=None) -> None:
         times[name, i].append((time.perf_counter() - start) / args.calls)
   labels = {"mlp": ("einsum over [B, T, .]", "dense_einsum (2D)"),
             "attention": ("token-major", "heads-major"),
-            "step": ("memory-less step", "same, attention core removed")}
+            "fused": ("heads-major (XLA)", "fused CPU kernel"),
+            "kernel": ("step, XLA attention", "step, fused kernel"),
+            "step": ("step, fused kernel", "same, attention core removed")}
   print(f"fwd + bwd, medians of {args.rounds} rounds x {args.calls} calls, {jax.devices()[0].device_kind}")
   for name in pairs:
     old, new = (statistics.median(times[name, i]) for i in range(2))

@@ -185,7 +185,8 @@ def compile_plan(plan_: Plan, hbm_limit: float | None = None, save_hlo: str = ""
   from lm2_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   cfg, mesh, chip = plan_.cfg, plan_.mesh, plan_.target.chip
-  model_cfg = cfg.model_config()
+  # Compiled for an accelerator topology from this CPU host: the CPU attention kernel never applies.
+  model_cfg = dataclasses.replace(cfg.model_config(), attention_kernel="xla")
   model = LM2(model_cfg)
   seq_len = cfg.data.num_segments * model_cfg.segment_length
   tx, schedule = opt_lib.make_optimizer(cfg.train), opt_lib.make_schedule(cfg.train)

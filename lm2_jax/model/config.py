@@ -17,6 +17,7 @@ _CHOICES = {
     "memory_keys": ("content", "address", "both"),
     "attention": ("segment", "full"),
     "remat": ("none", "full", "dots"),
+    "attention_kernel": ("auto", "xla"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
 }
@@ -71,6 +72,9 @@ class ModelConfig:
       the whole input; the long-context baseline, memory-less only).
     scan_layers: run the layers with nn.scan (compile time independent of depth) or unrolled.
     remat: "none", "full" (recompute each block) or "dots" (save matmul outputs).
+    attention_kernel: "auto" runs a segment's causal self-attention with the fused CPU kernel
+      (`lm2_jax.kernels.cpu_attention`) when tracing for the CPU backend, float32, a head dim that is a
+      multiple of 16, and one device; "xla" always uses XLA's ops (`layers.causal_self_attend`).
     dtype: compute dtype; param_dtype: parameter dtype. The memory bank is float32 regardless.
     init_std: standard deviation of the normal initialiser of every matrix.
   """
@@ -112,6 +116,7 @@ class ModelConfig:
   attention: str = "segment"
   scan_layers: bool = False
   remat: str = "none"
+  attention_kernel: str = "auto"
   dtype: str = "float32"
   param_dtype: str = "float32"
   init_std: float = 0.02

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm2_jax.kernels import cpu_attention
 from lm2_jax.model.config import ModelConfig
 from lm2_jax.typing import Array
 
@@ -206,12 +207,17 @@ def _attend_heads(qh: Array, kh: Array, vh: Array, bias: Array) -> Array:
   return jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh)
 
 
-def causal_self_attend(q: Array, k: Array, v: Array, positions: Array, valid: Array) -> Array:
+def causal_self_attend(q: Array, k: Array, v: Array, positions: Array, valid: Array,
+                       kernel: str = "xla") -> Array:
   """`attend` of a segment over its own keys, in query chunks that skip the keys after them.
 
   Exact for positions that increase along T (a segment's arange): every key after a chunk's last query
-  is invisible to the whole chunk.
+  is invisible to the whole chunk. kernel="auto" runs the fused CPU kernel
+  (`lm2_jax.kernels.cpu_attention`) where it applies; a query with no visible key (one whose own key is
+  padding and every earlier key too) then gets zeros where XLA's path averages the masked values.
   """
+  if kernel == "auto" and cpu_attention.applies(q, k):
+    return cpu_attention.causal_attention(q, k, v, valid).astype(q.dtype)
   t = q.shape[1]
   if t < CAUSAL_CHUNK_MIN_LENGTH or t % CAUSAL_CHUNKS:
     return attend(q, k, v, positions, positions, valid)
@@ -256,7 +262,7 @@ class Attention(nn.Module):
                   ("activation_batch", "activation_length", "activation_heads", None))
     if kv is None:
       k, v = self.project_kv(h, positions)
-      out = causal_self_attend(q, k, v, positions, valid)
+      out = causal_self_attend(q, k, v, positions, valid, self.cfg.attention_kernel)
     else:
       out = attend(q, kv[0], kv[1], positions, kv_pos, kv_valid)
     return constrain(self.o_proj(out), TOKEN_AXES)  # the XLA workaround: see TOKEN_AXES

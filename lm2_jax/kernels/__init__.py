@@ -1,0 +1,1 @@
+"""Native kernels for XLA backends, compiled from source on this machine (`build`)."""
