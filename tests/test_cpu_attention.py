@@ -75,6 +75,19 @@ def test_query_without_visible_keys_gets_zeros_and_no_gradient():
   assert np.all(np.abs(np.asarray(dv[0, 5:])).sum(axis=-1) > 0.0)
 
 
+def test_saved_log_sum_exp_is_that_of_the_visible_scores():
+  q, k, v, _ = _operands(2, 70, 70, 4, 2, 16, seed=2)
+  valid = jnp.ones((2, 70), bool).at[0, :3].set(False).at[1, 40:].set(False)
+  _, lse = cpu_attention._forward(q, k, v, valid)  # pylint: disable=protected-access
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(2, 70, 2, 2, 16), k) / 4.0
+  visible = (jnp.arange(70)[None, :] <= jnp.arange(70)[:, None])[None] & valid[:, None, :]
+  want = jax.nn.logsumexp(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+  want = want.reshape(2, 4, 70)  # [B, N, T], N = K * G
+  np.testing.assert_allclose(lse[0, :, 3:], want[0, :, 3:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(lse[1], want[1], rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(lse[0, :, :3]) == np.inf)  # no visible key
+
+
 def test_kernel_rejects_a_head_dim_off_the_vector_width():
   q, k, v, _ = _operands(1, 8, 8, 2, 2, 8)
   with pytest.raises(Exception, match="multiple of 16"):
@@ -120,7 +133,8 @@ def test_model_runs_the_kernel_and_matches_xla(overrides, segments):
 def test_kernel_applies_only_to_float32_vector_heads_on_one_device():
   q = jnp.zeros((1, 8, 2, 32))
   assert cpu_attention.applies(q, q)
-  assert not cpu_attention.applies(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16))
+  assert not cpu_attention.applies(q.astype(jnp.bfloat16), q)
+  assert not cpu_attention.applies(q, q.astype(jnp.bfloat16))
   assert not cpu_attention.applies(jnp.zeros((1, 8, 2, 24)), jnp.zeros((1, 8, 2, 24)))
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   with jax.set_mesh(mesh):
@@ -137,3 +151,11 @@ def test_build_is_cached_and_explains_a_missing_compiler(tmp_path, monkeypatch):
   monkeypatch.setenv("CXX", "no-such-compiler-lm2")
   with pytest.raises(build.BuildError, match="no-such-compiler-lm2"):
     build.library(cpu_attention.SOURCE)
+  failing = tmp_path / "bin" / "failing-cxx"
+  failing.parent.mkdir()
+  failing.write_text("#!/bin/sh\necho 'cc1plus: fatal error' >&2\nexit 1\n")
+  failing.chmod(0o755)
+  monkeypatch.setenv("CXX", str(failing))
+  with pytest.raises(build.BuildError, match="(?s)failing-cxx.*fatal error"):
+    build.library(cpu_attention.SOURCE)
+  assert [f for f in os.listdir(tmp_path) if f != "bin"] == [os.path.basename(path)]
