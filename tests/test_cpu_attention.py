@@ -159,3 +159,26 @@ def test_build_is_cached_and_explains_a_missing_compiler(tmp_path, monkeypatch):
   with pytest.raises(build.BuildError, match="(?s)failing-cxx.*fatal error"):
     build.library(cpu_attention.SOURCE)
   assert [f for f in os.listdir(tmp_path) if f != "bin"] == [os.path.basename(path)]
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_the_kernel_outputs_instead_of_rerunning_it(remat):
+  """Under remat the backward pass gets the forward kernel's outputs from the policy (one forward call
+  per layer in the compiled step, not two) and the gradients are those of the model without remat."""
+  cfg = _tiny(use_memory=False, attention="full", segment_length=128, remat=remat)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 128)), jnp.int32)
+  mask = jnp.ones((2, 128), jnp.float32)
+  params = LM2(cfg).init(jax.random.PRNGKey(0), tokens)["params"]
+
+  def grad_fn(c):
+    def loss(p):
+      stats, _ = LM2(c).apply({"params": p}, tokens, jnp.roll(tokens, -1, 1), mask, method=LM2.loss)
+      return jnp.sum(stats[0])
+    return jax.jit(jax.grad(loss))
+
+  compiled = grad_fn(cfg).lower(params).compile().as_text()
+  assert compiled.count('custom_call_target="lm2_causal_attention_fwd') == cfg.num_layers
+  assert compiled.count('custom_call_target="lm2_causal_attention_bwd') == cfg.num_layers
+  for g, w in zip(jax.tree.leaves(grad_fn(cfg)(params)),
+                  jax.tree.leaves(grad_fn(dataclasses.replace(cfg, remat="none"))(params))):
+    np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)

@@ -14,12 +14,14 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lm2_jax.kernels import build
 
 Array = jax.Array
 SOURCE = "cpu_attention.cc"
 HEAD_DIM_MULTIPLE = 16  # the kernel's vector width in floats
+SAVE_NAME = "cpu_attention"  # checkpoint_name of the kernel's outputs
 _registered: dict = {}  # "targets": (forward, backward) FFI names, or "error": why not
 
 
@@ -68,9 +70,12 @@ def _forward(q: Array, k: Array, v: Array, valid: Array) -> tuple[Array, Array]:
   return jax.ffi.ffi_call(_targets()[0], out, vmap_method="sequential")(q, k, v, valid)
 
 
-@jax.custom_vjp
 def causal_attention(q: Array, k: Array, v: Array, valid: Array) -> Array:
   """softmax(q k^T / sqrt(H) + mask) v with query t seeing key s when s <= t + S - T and valid[b, s].
+
+  The kernel's output and log-sum-exp are named `SAVE_NAME` for `jax.checkpoint`: a remat policy that
+  saves them (`block.remat_policy`) leaves the backward pass its residuals without re-running the
+  forward kernel.
 
   Args:
     q: float32 [B, T, N, H] (rotated). k, v: float32 [B, S, K, H], S >= T, K dividing N.
@@ -78,11 +83,21 @@ def causal_attention(q: Array, k: Array, v: Array, valid: Array) -> Array:
   Returns:
     float32 [B, T, N, H]; a query with no visible key gets zeros.
   """
-  return _forward(q, k, v, valid)[0]
+  out, lse = _forward(*(jax.lax.stop_gradient(x) for x in (q, k, v)), valid)
+  out, lse = checkpoint_name(out, SAVE_NAME), checkpoint_name(lse, SAVE_NAME)
+  return _with_gradient(q, k, v, valid, out, lse)
 
 
-def _vjp_forward(q, k, v, valid):
-  out, lse = _forward(q, k, v, valid)
+@jax.custom_vjp
+def _with_gradient(q, k, v, valid, out, lse):
+  """out, with the kernel's backward pass as the gradient with respect to q, k, v. The forward kernel
+  runs outside, so that its outputs, not the custom-VJP residuals it would otherwise make, are what a
+  remat policy sees and may save."""
+  del q, k, v, valid, lse
+  return out
+
+
+def _vjp_forward(q, k, v, valid, out, lse):
   return out, (q, k, v, valid, out, lse)
 
 
@@ -91,7 +106,7 @@ def _vjp_backward(residuals, d_out):
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
   dq, dk, dv = jax.ffi.ffi_call(_targets()[1], shapes, vmap_method="sequential")(
       q, k, v, valid, out, lse, d_out.astype(jnp.float32))
-  return dq, dk, dv, None
+  return dq, dk, dv, None, None, None
 
 
-causal_attention.defvjp(_vjp_forward, _vjp_backward)
+_with_gradient.defvjp(_vjp_forward, _vjp_backward)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm2_jax.kernels import cpu_attention
 from lm2_jax.model.config import ModelConfig
 from lm2_jax.model.layers import MLP, Attention, RMSNorm, constrain
 from lm2_jax.model.memory import Memory
@@ -97,10 +98,14 @@ class DecoderBlock(nn.Module):
 
 def remat_policy(name: str):
   """The jax.checkpoint policy of `ModelConfig.remat`."""
+  # Both keep the fused CPU attention kernel's outputs (named only where it runs): its backward pass
+  # needs nothing else from the forward kernel, so the recompute skips it.
+  kernel = jax.checkpoint_policies.save_only_these_names(cpu_attention.SAVE_NAME)
   if name == "full":
-    return None  # save nothing: recompute the whole block in the backward pass
+    return kernel  # else save nothing: recompute the whole block in the backward pass
   if name == "dots":
-    return jax.checkpoint_policies.checkpoint_dots
+    return jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots,
+                                                           kernel)
   raise ValueError(f"no remat policy for {name!r}")
 
 
