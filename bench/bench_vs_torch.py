@@ -9,8 +9,11 @@ trainer's defaults, global-norm clipping), three steps are timed in turn, round 
 
   torch    `LlamaForCausalLM` of the same backbone, eager, causal attention over all 256 tokens;
   nomem    this project's train step (bench_train.compiled_step: jit, shardings, donated state), memory
-           off, `attention: full` over the 256 tokens: the same computation as torch;
-  lm2      the same step with memory on: 4 segments of 64 tokens, the config's slots.
+           off, `attention: full` over the 256 tokens: the same computation as torch; with `remat: dots`
+           (`--nomem-remat`), the project's setting for a memory-less Llama (configs/model/llama-1.2b.yaml):
+           on this CPU 1.10x the speed of the LM2 config's `full` at both sizes (A/B in one process,
+           docs/profile.md);
+  lm2      the same step with memory on: 4 segments of 64 tokens, the config's slots and its `remat`.
 
 Each round times every step right after the others, so a load that comes and goes on a shared host
 touches them alike; the figures printed are medians over rounds of each step's tokens/s and of the
@@ -143,7 +146,7 @@ class TorchWorker:
       self.proc.wait()
 
 
-def _model_configs(size: str, seq: int, segment: int, dtype: str):
+def _model_configs(size: str, seq: int, segment: int, dtype: str, nomem_remat: str = "dots"):
   """(memory-less full-attention config, LM2 config) of a size."""
   from lm2_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
@@ -151,7 +154,7 @@ def _model_configs(size: str, seq: int, segment: int, dtype: str):
   path = os.path.join(ROOT, "configs/model", name)
   lm2 = ModelConfig.from_yaml(path, **overrides, use_memory=True, segment_length=segment, dtype=dtype)
   nomem = ModelConfig.from_yaml(path, **overrides, use_memory=False, attention="full",
-                                segment_length=seq, dtype=dtype)
+                                segment_length=seq, dtype=dtype, remat=nomem_remat)
   return nomem, lm2
 
 
@@ -169,6 +172,8 @@ def main(argv=None) -> None:
                       help="where PyTorch runs (JAX uses its default backend: run with a CUDA jax for cuda)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="compute dtype of both sides (parameters and optimizer stay float32)")
+  parser.add_argument("--nomem-remat", choices=("none", "full", "dots"), default="dots",
+                      help="remat of the memory-less step (the LM2 step keeps its config's)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
@@ -201,9 +206,9 @@ def _run(args, sizes: list[str], worker: TorchWorker, info: dict) -> None:
   absl.flags.FLAGS.mark_as_parsed()
   train = dataclasses.asdict(config_lib.TrainConfig())
   tokens = args.batch * args.seq
-  jax_steps, flops = {}, {}
+  jax_steps, flops, remat = {}, {}, {}
   for size in sizes:
-    nomem, lm2 = _model_configs(size, args.seq, args.segment, args.dtype)
+    nomem, lm2 = _model_configs(size, args.seq, args.segment, args.dtype, args.nomem_remat)
     worker.ask(cmd="build", name=size, model=dataclasses.asdict(nomem), train=train,
                batch=args.batch, seq=args.seq, device=args.device)
     for name, cfg, segments in (("nomem", nomem, 1), ("lm2", lm2, args.seq // args.segment)):
@@ -213,6 +218,7 @@ def _run(args, sizes: list[str], worker: TorchWorker, info: dict) -> None:
       jax.block_until_ready(metrics)
       jax_steps[size, name] = [state, step, batch]
       flops[size, name] = model_flops_per_token(cfg, args.seq) * tokens
+      remat[size, name] = cfg.remat
       print(f"built {size}/{name} in {time.perf_counter() - start:.1f} s", flush=True)
 
   def time_jax(key) -> float:
@@ -242,14 +248,15 @@ def _run(args, sizes: list[str], worker: TorchWorker, info: dict) -> None:
         f"peak {statistics.median(peaks) / 1e9:.1f} GFLOP/s; 1-minute load average {load_before:.1f} "
         f"before, {os.getloadavg()[0]:.1f} after (other processes slow PyTorch's OpenMP threads more "
         f"than XLA's pool: compare runs at similar loads)")
-  print(f"{'size':<7}{'step':<7}{'tokens/s':>10}{'x torch':>9}{'MFU':>7}")
+  print(f"{'size':<7}{'step':<7}{'tokens/s':>10}{'x torch':>9}{'MFU':>7}  remat")
   for size in sizes:
     base = seconds[size, "torch"]
     for name in ("torch", "nomem", "lm2"):
       s = seconds[size, name]
       ratio = statistics.median(b / x for b, x in zip(base, s))
       mfu = "" if name == "torch" else f"{statistics.median(flops[size, name] / x / p for x, p in zip(s, peaks)):7.3f}"
-      print(f"{size:<7}{name:<7}{tokens / statistics.median(s):10,.0f}{ratio:9.2f}{mfu:>7}")
+      print(f"{size:<7}{name:<7}{tokens / statistics.median(s):10,.0f}{ratio:9.2f}{mfu:>7}  "
+            f"{remat.get((size, name), '')}")
 
 
 if __name__ == "__main__":
