@@ -143,7 +143,8 @@ def _hlo_ops(hlo: str) -> dict:
       bodies[current].append(line)
   ops = {}
   for line in hlo.splitlines():
-    m = re.match(r"\s+(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(", line)
+    # The shape is one token, or a tuple "(f32[..], f32[..])" (the attention kernel's custom call).
+    m = re.match(r"\s+(?:ROOT )?%(\S+) = (?:\([^)]*\)|\S+) ([\w-]+)\(", line)
     if not m:
       continue
     name, opcode = m.groups()
@@ -156,7 +157,9 @@ def _hlo_ops(hlo: str) -> dict:
       part = "optimizer" if op_name else "scan copies"
     else:
       part = next((label for key, label in PARTS if key in op_name), "other")
-    if inner & {"dot", "convolution"}:
+    if "custom-call" in inner:
+      kind = "fused kernel"  # the CPU attention kernel (lm2_jax/kernels)
+    elif inner & {"dot", "convolution"}:
       kind = "matmul"
     elif inner <= {"copy", "bitcast", "transpose", "parameter", "dynamic-slice", "constant", "subtract",
                    "broadcast", "dynamic-update-slice", "fusion"}:
