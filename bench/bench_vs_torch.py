@@ -248,14 +248,20 @@ def _run(args, sizes: list[str], worker: TorchWorker, info: dict) -> None:
         f"peak {statistics.median(peaks) / 1e9:.1f} GFLOP/s; 1-minute load average {load_before:.1f} "
         f"before, {os.getloadavg()[0]:.1f} after (other processes slow PyTorch's OpenMP threads more "
         f"than XLA's pool: compare runs at similar loads)")
-  print(f"{'size':<7}{'step':<7}{'tokens/s':>10}{'x torch':>9}{'MFU':>7}  remat")
+  # "per FLOP": the ratio times the step's model FLOPs over the memory-less step's (PyTorch's): LM2's
+  # memory is work the Llama it is compared with does not do.
+  print(f"{'size':<7}{'step':<7}{'tokens/s':>10}{'x torch':>9}{'per FLOP':>10}{'MFU':>7}  remat")
   for size in sizes:
     base = seconds[size, "torch"]
     for name in ("torch", "nomem", "lm2"):
       s = seconds[size, name]
       ratio = statistics.median(b / x for b, x in zip(base, s))
-      mfu = "" if name == "torch" else f"{statistics.median(flops[size, name] / x / p for x, p in zip(s, peaks)):7.3f}"
-      print(f"{size:<7}{name:<7}{tokens / statistics.median(s):10,.0f}{ratio:9.2f}{mfu:>7}  "
+      if name == "torch":
+        mfu = per_flop = ""
+      else:
+        mfu = f"{statistics.median(flops[size, name] / x / p for x, p in zip(s, peaks)):7.3f}"
+        per_flop = f"{ratio * flops[size, name] / flops[size, 'nomem']:10.2f}"
+      print(f"{size:<7}{name:<7}{tokens / statistics.median(s):10,.0f}{ratio:9.2f}{per_flop:>10}{mfu:>7}  "
             f"{remat.get((size, name), '')}")
 
 
