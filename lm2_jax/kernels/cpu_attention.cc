@@ -313,12 +313,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         PackTransposed(d, qp, b, n, t0, rows, d.scale, qt.data());
         PackTransposed(d, dop, b, n, t0, rows, 1.0f, dot.data());
         alignas(64) float delta[kBlock], l[kBlock];
-        for (int64_t r = 0; r < kBlock; ++r) {
-          float acc = 0.0f;
-          for (int64_t x = 0; r < rows && x < d.h; ++x)
-            acc += opp[at + r * d.ldq + x] * dop[at + r * d.ldq + x];
-          delta[r] = acc;
-          l[r] = r < rows ? lp[(b * d.n + n) * d.t + t0 + r] : INFINITY;
+        for (int64_t r = 0; r < kBlock; ++r) {  // lanes past the block's rows: no probability
+          delta[r] = 0.0f;
+          l[r] = INFINITY;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t x = 0; x < d.h; ++x) delta[r] += opp[at + r * d.ldq + x] * dop[at + r * d.ldq + x];
+          l[r] = lp[(b * d.n + n) * d.t + t0 + r];
         }
         KeyGroups(width, shift, [&](int64_t lo, int64_t hi, int j) {
           const int64_t cols = kBlock - j * kVec, c = lo * kBlock + j * kVec;
