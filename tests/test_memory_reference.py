@@ -166,10 +166,12 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("order", ["token_first", "slot_first"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("design", ["tokens", "slots"])
-def test_memory_matches_numpy_reference(design, option):
-  cfg = _config(design, **OPTIONS[option])
+def test_memory_matches_numpy_reference(design, option, order):
+  """Both product orders (`memory_product_order`) compute the reference's read and write."""
+  cfg = _config(design, memory_product_order=order, **OPTIONS[option])
   params = _random_params(cfg)
   h, read_bank, prev_bank, valid = _inputs()
   read, bank = _apply(cfg, params, h, read_bank, prev_bank, valid)
@@ -184,10 +186,11 @@ def test_memory_matches_numpy_reference(design, option):
   np.testing.assert_array_equal(bank[2], prev_bank[2])
 
 
+@pytest.mark.parametrize("order", ["token_first", "slot_first"])
 @pytest.mark.parametrize("design", ["tokens", "slots"])
-def test_padding_anywhere_in_the_segment_is_not_written(design):
+def test_padding_anywhere_in_the_segment_is_not_written(design, order):
   """Changing h at padded positions (before, between real tokens) leaves the bank bit-identical."""
-  cfg = _config(design)
+  cfg = _config(design, memory_product_order=order)
   params = _random_params(cfg)
   h, read_bank, prev_bank, valid = _inputs()
   _, bank = _apply(cfg, params, h, read_bank, prev_bank, valid)

@@ -18,6 +18,7 @@ _CHOICES = {
     "attention": ("segment", "full"),
     "remat": ("none", "full", "dots"),
     "attention_kernel": ("auto", "xla"),
+    "memory_product_order": ("auto", "token_first", "slot_first"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
 }
@@ -75,6 +76,10 @@ class ModelConfig:
     attention_kernel: "auto" runs a segment's causal self-attention with the fused CPU kernel
       (`lm2_jax.kernels.cpu_attention`) when tracing for the CPU backend, float32, a head dim that is a
       multiple of 16, and one device; "xla" always uses XLA's ops (`layers.causal_self_attend`).
+    memory_product_order: the order of the memory's products, one function either way (`Memory`'s
+      docstring): "token_first" projects every token (h Wq, h Wu, e W_out: T D^2 a segment);
+      "slot_first" folds each weight into the M slots first (Wq k^T, a_w h then Wu, v W_out: M D^2 a
+      segment, then Nm M D a token); "auto" takes the one with fewer FLOPs for the call's T tokens.
     dtype: compute dtype; param_dtype: parameter dtype. The memory bank is float32 regardless.
     init_std: standard deviation of the normal initialiser of every matrix.
   """
@@ -117,6 +122,7 @@ class ModelConfig:
   scan_layers: bool = False
   remat: str = "none"
   attention_kernel: str = "auto"
+  memory_product_order: str = "auto"
   dtype: str = "float32"
   param_dtype: str = "float32"
   init_std: float = 0.02

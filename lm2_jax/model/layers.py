@@ -58,10 +58,15 @@ class Einsum(nn.Module):
   eqn: str
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, eqn: str | None = None, kernel_shape: tuple[int, ...] | None = None
+               ) -> Array:
+    """x times the kernel by `eqn` (default: the module's), the kernel reshaped to `kernel_shape` first
+    when given (e.g. [D, D] as [D, Nm, H] to apply it per memory head)."""
     kernel = param_with_axes(self, "kernel", normal_init(self.cfg), self.shape, self.axes,
-                             self.cfg.weight_dtype)
-    return dense_einsum(self.eqn, x, kernel.astype(self.cfg.compute_dtype))
+                             self.cfg.weight_dtype).astype(self.cfg.compute_dtype)
+    if kernel_shape is not None:
+      kernel = kernel.reshape(kernel_shape)
+    return dense_einsum(eqn or self.eqn, x, kernel)
 
 
 def dense_einsum(eqn: str, x: Array, kernel: Array) -> Array:

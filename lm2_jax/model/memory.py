@@ -171,10 +171,21 @@ class Memory(nn.Module):
     ms = jnp.mean(x * x, axis=-1, keepdims=True)
     return jnp.where(ms > 0, x * jax.lax.rsqrt(ms + self.cfg.norm_eps), x)
 
+  def slot_first(self, tokens: int) -> bool:
+    """Whether a call over `tokens` tokens folds the weights into the slots (`memory_product_order`).
+
+    Per segment row: token-first costs T D^2 (the projection) + T M D (the product with the slots);
+    slot-first M D^2 (the weight against the M slots) + T Nm M D (each token against the folded map).
+    """
+    cfg = self.cfg
+    if cfg.memory_product_order != "auto":
+      return cfg.memory_product_order == "slot_first"
+    d, m, nm = cfg.d_model, cfg.num_slots, cfg.memory_heads
+    return tokens * d + tokens * m > m * d + tokens * nm * m
+
   def scores(self, h: Array, bank: Array) -> Array:
     """Token-slot scores [B, Nm, T, M] (float32) of inputs h [B, T, D] against a bank [B, M, D]."""
     cfg = self.cfg
-    q = self.query(constrain(h, TOKEN_AXES))            # [B, T, Nm, H]
     if cfg.memory_keys == "content":
       keys_in = self._bank_in(bank)
     else:
@@ -183,7 +194,14 @@ class Memory(nn.Module):
       keys_in = address if cfg.memory_keys == "address" else self._bank_in(bank) + address
       keys_in = constrain(keys_in, MEMORY_AXES)
     k = self.key(keys_in)                               # [B, M, Nm, H]
-    scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
+    if self.slot_first(h.shape[1]):
+      # (h Wq) k^T = h (Wq k^T): one [D, Nm M] map a segment row instead of projecting every token.
+      qk = self.query(k, eqn="BMNH,DNH->BDNM")          # [B, D, Nm, M]
+      scores = jnp.einsum("BTD,BDNM->BNTM", constrain(h, TOKEN_AXES), qk,
+                          preferred_element_type=jnp.float32)
+    else:
+      q = self.query(constrain(h, TOKEN_AXES))          # [B, T, Nm, H]
+      scores = jnp.einsum("BTNH,BMNH->BNTM", q, k, preferred_element_type=jnp.float32)
     return scores * (cfg.memory_score_scale / jnp.sqrt(jnp.float32(cfg.memory_head_dim)))
 
   def read(self, scores: Array, bank: Array) -> Array:
@@ -197,13 +215,23 @@ class Memory(nn.Module):
     self.sow("intermediates", "read_attention", probs)
     values = self._heads(self.value(self._bank_in(bank)))  # [B, M, Nm, H]
     e_mem = jnp.einsum("BNTM,BMNH->BTNH", probs.astype(dt), values)
-    return self._gated(e_mem.reshape(*e_mem.shape[:2], cfg.d_model))
+    e_mem = e_mem.reshape(*e_mem.shape[:2], cfg.d_model)
+    if not (cfg.output_gate and self.slot_first(probs.shape[2])):
+      return self._gated(e_mem)
+    # e W_out = a_r (v W_out): the gate's weight folded into each head's M values.
+    vw = self.out_gate(values, eqn="BMNH,NHE->BNME",
+                       kernel_shape=(cfg.memory_heads, cfg.memory_head_dim, cfg.d_model))
+    gate = jnp.einsum("BNTM,BNME->BTE", probs.astype(dt), vw)
+    return self._apply_gate(gate, e_mem)
 
   def _gated(self, e_mem: Array) -> Array:
-    """The output gate sigmoid(e W_out) * e of a read [B, T, D] (compute dtype)."""
+    """The output gate sigmoid(e W_out) * e of a read [B, T, D] (compute dtype), token-first."""
     if not self.cfg.output_gate:
       return e_mem
-    gate = self.out_gate(constrain(e_mem, TOKEN_AXES))
+    return self._apply_gate(self.out_gate(constrain(e_mem, TOKEN_AXES)), e_mem)
+
+  def _apply_gate(self, gate: Array, e_mem: Array) -> Array:
+    """sigmoid(gate) * e for the gate's logits e W_out [B, T, D]."""
     return jax.nn.sigmoid(gate.astype(jnp.float32)).astype(self.cfg.compute_dtype) * e_mem
 
   def read_segment(self, h: Array, bank: Array) -> Array:
@@ -249,16 +277,16 @@ class Memory(nn.Module):
     if cfg.memory_write == "keyed":
       return self.keyed_write(h, prev_bank, valid)
     dt = cfg.compute_dtype
-    hu = self._heads(self.update(constrain(h, TOKEN_AXES))).astype(jnp.float32)  # [B, T, Nm, H]
     if cfg.memory_write == "tokens":
       write_scores = jnp.where(valid[:, None, None, :], jnp.swapaxes(scores, -1, -2), NEG_INF)
-      write_probs = jax.nn.softmax(write_scores, axis=-1)  # [B, Nm, M, T]
-      u = jnp.einsum("BNMT,BTNH->BMNH", write_probs, hu)
+      weights = jax.nn.softmax(write_scores, axis=-1)      # [B, Nm, M, T]
+      u = self._aggregate_updates(weights, h)
       strength = None
     else:
       routes = jax.nn.softmax(scores, axis=-1) * valid[:, None, :, None]  # [B, Nm, T, M]
       mass = jnp.sum(routes, axis=2)                       # [B, Nm, M]
-      u = jnp.einsum("BNTM,BTNH->BMNH", routes, hu) / jnp.maximum(mass, 1e-6)[..., None].swapaxes(1, 2)
+      u = self._aggregate_updates(jnp.swapaxes(routes, -1, -2), h)
+      u = u / jnp.maximum(mass, 1e-6)[..., None].swapaxes(1, 2)
       self.sow("intermediates", "write_routes", routes)
       strength = jnp.broadcast_to((1.0 - jnp.exp(-mass)).swapaxes(1, 2)[..., None], u.shape)
       strength = strength.reshape(prev_bank.shape)
@@ -276,6 +304,17 @@ class Memory(nn.Module):
     # A segment with no real token leaves the bank as it was (no decay, no NaN).
     any_valid = jnp.any(valid, axis=1)[:, None, None]
     return constrain(jnp.where(any_valid, new_bank, prev), MEMORY_AXES)
+
+  def _aggregate_updates(self, weights: Array, h: Array) -> Array:
+    """u = weights (h Wu) per memory head [B, M, Nm, H] (float32) for weights [B, Nm, M, T] (float32)."""
+    cfg = self.cfg
+    if self.slot_first(h.shape[1]):
+      # weights (h Wu) = (weights h) Wu: the update projection runs on M rows, not T tokens.
+      rows = jnp.einsum("BNMT,BTD->BNMD", weights, h.astype(jnp.float32))
+      return self.update(rows, eqn="BNMD,DNH->BMNH",
+                         kernel_shape=(cfg.d_model, cfg.memory_heads, cfg.memory_head_dim))
+    hu = self._heads(self.update(constrain(h, TOKEN_AXES))).astype(jnp.float32)  # [B, T, Nm, H]
+    return jnp.einsum("BNMT,BTNH->BMNH", weights, hu)
 
   def keyed_write(self, h: Array, prev_bank: Array, valid: Array) -> Array:
     """The content-addressed write (module docstring): a scan over the segment's tokens, in order."""
