@@ -6,12 +6,21 @@
   gradients, and really lower to a 2D dot.
 - A memory-less model runs its independent segments as one step over B*C rows instead of a scan;
   its logits and per-row loss sums are those of each segment run on its own.
+- `unroll_segments`: the loss over straight-line segments == the loss over the scan, values and
+  gradients, and really has no loop; with the `intermediates` collection it keeps the scan's layout.
+- `memory_product_order`: slot-first == token-first, loss and gradients, for every write that shares
+  the read's scores; `auto` takes the order with fewer FLOPs.
+(The memory's equations in both orders against NumPy: tests/test_memory_reference.py.)
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from lm2_jax.model import LM2
+from lm2_jax.model.config import ModelConfig
+from lm2_jax.model.memory import Memory
 from model_utils import F32_TOL, init_model, tiny_config
 
 
@@ -98,3 +107,109 @@ def test_dense_einsum_projections_lower_to_2d_matmuls():
     jaxpr = jax.make_jaxpr(lambda x, k: dense_einsum(eqn, x, k))(jnp.zeros(xs), jnp.zeros(ks))
     dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) == 1 and [v.aval.ndim for v in dots[0].invars] == [2, 2], (eqn, jaxpr)
+
+
+def _loss_and_grads(cfg, variables, tokens):
+  """(per-row nll sums, final memory, parameter gradients of the summed nll) of `LM2(cfg).loss`."""
+  targets = jnp.roll(tokens, -1, axis=1)
+  mask = jax.random.uniform(jax.random.key(5), tokens.shape)
+  valid = jnp.ones(tokens.shape, bool).at[1, 3:6].set(False)     # padding inside row 1
+
+  def loss(params):
+    stats, memory = LM2(cfg).apply({"params": params}, tokens, targets, mask, valid=valid, method="loss")
+    return jnp.sum(stats.nll_sum), (stats.nll_sum, memory)
+
+  (_, (nll, memory)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  return nll, memory, grads
+
+
+def _assert_trees_close(a, b, tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+@pytest.mark.parametrize("flow", ["chained", "per_block"])
+def test_unrolled_segments_equal_the_segment_scan(flow, remat):
+  scanned = tiny_config(memory_flow=flow, remat=remat)
+  unrolled = scanned.replace(unroll_segments=4)
+  _, variables, tokens = init_model(scanned, segments=4)
+  nll_s, mem_s, grads_s = _loss_and_grads(scanned, variables, tokens)
+  nll_u, mem_u, grads_u = _loss_and_grads(unrolled, variables, tokens)
+  np.testing.assert_allclose(nll_u, nll_s, rtol=1e-6)
+  np.testing.assert_allclose(mem_u, mem_s, atol=F32_TOL)
+  _assert_trees_close(grads_u, grads_s, F32_TOL)
+  # Not vacuous: the memory carries across the segments, so dropping it moves the loss.
+  no_memory = scanned.replace(use_memory=False)
+  nll_n, _, _ = _loss_and_grads(no_memory, init_model(no_memory, segments=4)[1], tokens)
+  assert np.abs(np.asarray(nll_n) - np.asarray(nll_s)).max() > 1e-3
+
+
+def _loops(cfg, tokens, variables, **kw):
+  """How many loops (scan / while) the traced loss has."""
+  targets, mask = jnp.roll(tokens, -1, axis=1), jnp.ones(tokens.shape)
+  jaxpr = jax.make_jaxpr(lambda p: LM2(cfg).apply({"params": p}, tokens, targets, mask, method="loss",
+                                                   **kw))(variables["params"])
+  return str(jaxpr).count("scan[") + str(jaxpr).count("while[")
+
+
+def test_unroll_segments_is_a_ceiling_and_intermediates_keep_the_scan():
+  cfg = tiny_config(memory_write="slots")        # no token scan inside a segment
+  _, variables, tokens = init_model(cfg, segments=4)
+  assert _loops(cfg, tokens, variables) == 1
+  assert _loops(cfg.replace(unroll_segments=4), tokens, variables) == 0
+  assert _loops(cfg.replace(unroll_segments=3), tokens, variables) == 1   # more segments than that
+  # Diagnostics read the sown arrays as [C, B, ...]: the scan's layout, whatever `unroll_segments`.
+  targets, mask = jnp.roll(tokens, -1, axis=1), jnp.ones(tokens.shape)
+  _, state = LM2(cfg.replace(unroll_segments=4)).apply(
+      variables, tokens, targets, mask, method="loss", mutable=["intermediates"])
+  routes = state["intermediates"]["block_0"]["memory"]["write_routes"][0]
+  assert routes.shape[:2] == (4, tokens.shape[0])
+
+
+def test_negative_unroll_segments_is_refused():
+  with pytest.raises(ValueError, match="unroll_segments must be >= 0"):
+    tiny_config(unroll_segments=-1)
+
+
+@pytest.mark.parametrize("write", ["tokens", "slots", "keyed"])
+def test_slot_first_products_equal_token_first(write):
+  keyed = dict(memory_init="zeros") if write == "keyed" else {}
+  token_first = tiny_config(memory_write=write, memory_product_order="token_first", **keyed)
+  slot_first = token_first.replace(memory_product_order="slot_first")
+  _, variables, tokens = init_model(token_first, segments=3)
+  nll_t, mem_t, grads_t = _loss_and_grads(token_first, variables, tokens)
+  nll_s, mem_s, grads_s = _loss_and_grads(slot_first, variables, tokens)
+  np.testing.assert_allclose(nll_s, nll_t, rtol=1e-6)
+  np.testing.assert_allclose(mem_s, mem_t, atol=F32_TOL)
+  _assert_trees_close(grads_s, grads_t, F32_TOL)
+
+
+def test_slot_first_does_fewer_flops_where_slots_are_few():
+  """XLA's FLOP count of one memory read + write (D 64, M 4, T 32): slot-first < token-first / 2."""
+  flops = {}
+  for order in ("token_first", "slot_first"):
+    cfg = tiny_config(d_model=64, num_slots=4, memory_heads=1, segment_length=32,
+                      memory_product_order=order)
+    h, bank = jnp.ones((2, 32, 64)), jnp.ones((2, 4, 64))
+    valid = jnp.ones((2, 32), bool)
+    variables = Memory(cfg).init(jax.random.key(0), h, bank, bank, valid)
+    apply = jax.jit(lambda v, h, b: Memory(cfg).apply(v, h, b, b, valid))
+    flops[order] = apply.lower(variables, h, bank).compile().cost_analysis()["flops"]
+  assert flops["slot_first"] < 0.5 * flops["token_first"], flops
+
+
+@pytest.mark.parametrize("dims, tokens, slot_first", [
+    (dict(d_model=192, num_slots=16, memory_heads=1), 64, True),     # small.yaml's segment
+    (dict(d_model=192, num_slots=16, memory_heads=1), 1, False),     # decoding one token
+    (dict(d_model=2048, num_slots=2048, memory_heads=32), 2048, False),  # lm2-1.7b.yaml
+    (dict(d_model=32, num_slots=8, memory_heads=2), 8, False),       # tiny.yaml
+])
+def test_auto_order_takes_the_one_with_fewer_flops(dims, tokens, slot_first):
+  cfg = ModelConfig(**dims)
+  assert Memory(cfg).slot_first(tokens) is slot_first
+  token_cost = tokens * cfg.d_model ** 2 + tokens * cfg.num_slots * cfg.d_model
+  slot_cost = cfg.num_slots * cfg.d_model ** 2 + tokens * cfg.memory_heads * cfg.num_slots * cfg.d_model
+  assert (slot_cost < token_cost) is slot_first
+  assert Memory(cfg.replace(memory_product_order="slot_first")).slot_first(tokens)
+  assert not Memory(cfg.replace(memory_product_order="token_first")).slot_first(tokens)

@@ -72,6 +72,9 @@ class ModelConfig:
     attention: "segment" (causal inside each segment; RoPE restarts per segment) or "full" (causal over
       the whole input; the long-context baseline, memory-less only).
     scan_layers: run the layers with nn.scan (compile time independent of depth) or unrolled.
+    unroll_segments: `LM2.loss` over at most this many segments runs them as straight-line code, not
+      as a scan over segments (0: always scan). Faster on CPU: the backward pass's saved activations
+      are not stacked into [C, ...] loop buffers; compile time grows with the segments unrolled.
     remat: "none", "full" (recompute each block) or "dots" (save matmul outputs).
     attention_kernel: "auto" runs a segment's causal self-attention with the fused CPU kernel
       (`lm2_jax.kernels.cpu_attention`) when tracing for the CPU backend, float32, a head dim that is a
@@ -120,6 +123,7 @@ class ModelConfig:
   bptt_segments: int = 0
   attention: str = "segment"
   scan_layers: bool = False
+  unroll_segments: int = 0
   remat: str = "none"
   attention_kernel: str = "auto"
   memory_product_order: str = "auto"
@@ -155,8 +159,9 @@ class ModelConfig:
     if not -1.0 <= self.memory_match_threshold <= 1.0:
       raise ValueError("ModelConfig.memory_match_threshold is a cosine: it must be in [-1, 1], got "
                        f"{self.memory_match_threshold}")
-    if self.bptt_segments < 0:
-      raise ValueError(f"ModelConfig.bptt_segments must be >= 0, got {self.bptt_segments}")
+    for name in ("bptt_segments", "unroll_segments"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
     if self.use_memory:
       if self.d_model % self.memory_heads:
         raise ValueError(

@@ -9,6 +9,9 @@ the next segment's memory. So a token only sees memory built from earlier segmen
     stats, memory = LM2(cfg).apply(variables, tokens, targets, loss_mask, method=LM2.loss)
 
 `loss` computes per-row cross-entropy sums inside the segment scan, so [B, C*T, V] logits never exist.
+With `unroll_segments` >= C it runs the C segments as straight-line code instead (same function): a scan's
+backward pass keeps each segment's saved activations in [C, ...] loop buffers, and on CPU writing,
+copying and slicing those cost more than the recompute they save (docs/profile.md, session 8).
 With `memory_kind: rmt` the same scan carries RMT memory tokens instead (`lm2_jax.model.rmt`).
 """
 
@@ -128,9 +131,19 @@ class LM2(nn.Module):
     xs["targets"] = self._segments(targets)
     xs["loss_mask"] = self._segments(loss_mask.astype(jnp.float32))
     c, b = xs["reset"].shape
-    scan = nn.scan(_loss_body, variable_broadcast="params", split_rngs={"params": False},
-                   variable_axes={"intermediates": 0})
-    memory, stats = scan(self, memory, self._fold(xs))
+    xs = self._fold(xs)
+    if xs["reset"].shape[0] <= self.cfg.unroll_segments and not self.is_mutable_collection(
+        "intermediates"):
+      # Straight-line segments: nothing is stacked into [C, ...] loop buffers (module docstring).
+      per_segment = []
+      for i in range(xs["reset"].shape[0]):
+        memory, segment_stats = _loss_body(self, memory, jax.tree.map(lambda x, i=i: x[i], xs))
+        per_segment.append(segment_stats)
+      stats = tuple(jnp.stack(s) for s in zip(*per_segment))
+    else:
+      scan = nn.scan(_loss_body, variable_broadcast="params", split_rngs={"params": False},
+                     variable_axes={"intermediates": 0})
+      memory, stats = scan(self, memory, xs)
     return LossStats(*(self._unfold(s, c, b).sum(axis=0) for s in stats)), memory
 
   def initial_memory(self, batch_size: int) -> Array | None:
