@@ -6,7 +6,8 @@ Times tracing + lowering and XLA compilation (`bench_train`'s step: jit with sha
 AdamW; abstract state, nothing allocated) of an LM2 at 4 and 32 layers, with `scan_layers` on and off
 (4 segments), and at 2 and 64 segments (4 layers, `scan_layers` on), then prints the ratios. With
 scanned layers and the scan over segments neither ratio should grow with the count: the program is the
-same loop bodies with other trip counts. The persistent compilation cache is not used. Compile times
+same loop bodies with other trip counts. The last ratio is the compile cost of `unroll_segments` (4
+segments as straight-line code against their scan). The persistent compilation cache is not used. Compile times
 drift with the load of a shared host; `--repeats` takes the best of several.
 """
 
@@ -28,17 +29,21 @@ from lm2_jax.train import optimizer as opt_lib  # noqa: E402
 from lm2_jax.train import state as state_lib  # noqa: E402
 from lm2_jax.train import step as step_lib  # noqa: E402
 
-# (name, overrides, segments): the two pairs whose ratios are read.
+# (name, overrides, segments): the pairs whose ratios are read. The scan cases pin `unroll_segments: 0`
+# (small.yaml unrolls up to 8 segments); the last pair is what unrolling 4 segments costs in compile time.
+SCAN = dict(unroll_segments=0)
 CASES = (
-    ("4 layers, scan_layers", dict(num_layers=4, scan_layers=True), 4),
-    ("32 layers, scan_layers", dict(num_layers=32, scan_layers=True), 4),
-    ("4 layers, unrolled", dict(num_layers=4, scan_layers=False), 4),
-    ("32 layers, unrolled", dict(num_layers=32, scan_layers=False), 4),
-    ("2 segments, scan_layers", dict(num_layers=4, scan_layers=True), 2),
-    ("64 segments, scan_layers", dict(num_layers=4, scan_layers=True), 64),
+    ("4 layers, scan_layers", dict(num_layers=4, scan_layers=True, **SCAN), 4),
+    ("32 layers, scan_layers", dict(num_layers=32, scan_layers=True, **SCAN), 4),
+    ("4 layers, unrolled", dict(num_layers=4, scan_layers=False, **SCAN), 4),
+    ("32 layers, unrolled", dict(num_layers=32, scan_layers=False, **SCAN), 4),
+    ("2 segments, scan_layers", dict(num_layers=4, scan_layers=True, **SCAN), 2),
+    ("64 segments, scan_layers", dict(num_layers=4, scan_layers=True, **SCAN), 64),
+    ("4 segments, segment scan", dict(num_layers=4, **SCAN), 4),
+    ("4 segments, unrolled", dict(num_layers=4, unroll_segments=4), 4),
 )
 RATIOS = (("32 / 4 layers, scan_layers", 1, 0), ("32 / 4 layers, unrolled", 3, 2),
-          ("64 / 2 segments, scan_layers", 5, 4))
+          ("64 / 2 segments, scan_layers", 5, 4), ("4 segments unrolled / scanned", 7, 6))
 
 
 def compile_seconds(cfg: ModelConfig, batch: int, segments: int) -> tuple[float, float]:

@@ -11,9 +11,10 @@ trainer's defaults, global-norm clipping), three steps are timed in turn, round 
   nomem    this project's train step (bench_train.compiled_step: jit, shardings, donated state), memory
            off, `attention: full` over the 256 tokens: the same computation as torch; with `remat: dots`
            (`--nomem-remat`), the project's setting for a memory-less Llama (configs/model/llama-1.2b.yaml):
-           on this CPU 1.10x the speed of the LM2 config's `full` at both sizes (A/B in one process,
-           docs/profile.md);
-  lm2      the same step with memory on: 4 segments of 64 tokens, the config's slots and its `remat`.
+           on this CPU 1.10x the speed of `full` at both sizes (A/B in one process, docs/profile.md);
+  lm2      the same step with memory on: 4 segments of 64 tokens, the config's slots, `remat` and
+           `unroll_segments` (small.yaml: `dots`, the 4 segments unrolled), the memory's products in
+           the order with fewer FLOPs (`memory_product_order: auto`: slot-first at both sizes).
 
 Each round times every step right after the others, so a load that comes and goes on a shared host
 touches them alike; the figures printed are medians over rounds of each step's tokens/s and of the

@@ -109,13 +109,14 @@ def _dot_flops(jaxpr) -> int:
   return total
 
 
-def _counted_flops_per_token(cfg, batch=2, segments=3):
+def _counted_flops_per_token(cfg, batch=2, segments=3, order="token_first"):
   """Forward FLOPs per token counted from the traced model (jax.make_jaxpr; nothing is allocated).
 
   With XLA's attention: the fused CPU kernel computes the same matmuls inside one custom call, which
-  has no dot_general to count."""
+  has no dot_general to count. With the memory's products token-first: model FLOPs (flops.py) count the
+  model as its equations write it; the slot-first order computes the same function with fewer."""
   tokens = jax.ShapeDtypeStruct((batch, segments * cfg.segment_length), jnp.int32)
-  model = LM2(dataclasses.replace(cfg, attention_kernel="xla"))
+  model = LM2(dataclasses.replace(cfg, attention_kernel="xla", memory_product_order=order))
   variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
   jaxpr = jax.make_jaxpr(lambda v, t: model.apply(v, t))(variables, tokens)
   return _dot_flops(jaxpr.jaxpr) / (batch * segments * cfg.segment_length)
@@ -155,3 +156,20 @@ def test_flops_match_the_matmuls_of_the_traced_forward(source, overrides):
     counted += (1 - (n + 1) / (2 * n)) * 4 * cfg.num_heads * cfg.head_dim * t * cfg.num_layers
   expected = forward_flops_per_token(cfg, segments * cfg.segment_length)
   assert counted == pytest.approx(expected, rel=1e-9)
+
+
+def test_slot_first_executes_fewer_matmul_flops_than_the_model_flops():
+  """small.yaml's memory products slot-first (`auto` picks it there): the traced forward's matmuls are
+  fewer than the model FLOPs flops.py counts, by the memory's per-token projections it folds away."""
+  cfg = ModelConfig.from_yaml("configs/model/small.yaml")
+  token_first = _counted_flops_per_token(cfg, batch=1, segments=2)
+  slot_first = _counted_flops_per_token(cfg, batch=1, segments=2, order="slot_first")
+  d, m, t, nm = cfg.d_model, cfg.num_slots, cfg.segment_length, cfg.memory_heads
+  # Per token and memory layer, token-first -> slot-first (2 FLOPs a multiply-add):
+  #   scores      h Wq (2 D^2) + q k^T (2 M D)    ->  Wq k^T (2 M D^2 / T) + h (Wq k^T) (2 Nm M D)
+  #   write       h Wu (2 D^2) + a_w (h Wu) (2 M D)  ->  a_w h (2 Nm M D) + (a_w h) Wu (2 M D^2 / T)
+  #   output gate e W_out (2 D^2)                 ->  v W_out (2 M D^2 / T) + a_r (v W_out) (2 Nm M D)
+  folded = 3 * 2 * d * d + 2 * 2 * m * d - 3 * 2 * m * d * d / t - 3 * 2 * nm * m * d
+  assert token_first - slot_first == pytest.approx(cfg.num_memory_layers * folded, rel=1e-9)
+  print(f"small.yaml forward matmul FLOPs a token: token-first {token_first:,.0f}, slot-first "
+        f"{slot_first:,.0f} ({slot_first / token_first:.3f}x)")
