@@ -20,8 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_train import compiled_step, time_steps  # noqa: E402
 from lm2_jax.model import ModelConfig, model_flops_per_token  # noqa: E402
 
+# The default run's model (configs/experiment/default.yaml), its `remat: full` included: the keyed and
+# delta writes' token scans would stack small.yaml's `dots` residuals per token.
 DIMS = dict(vocab_size=384, d_model=128, num_layers=4, num_heads=4, mlp_dim=384, segment_length=16,
-            memory_flow="per_block", memory_norm=True)
+            memory_flow="per_block", memory_norm=True, remat="full")
 WRITES = {"none": dict(use_memory=False), "slots": dict(memory_write="slots"),
           "keyed": dict(memory_write="keyed", memory_init="zeros"),
           "delta": dict(memory_write="delta", memory_init="zeros", memory_norm=False)}

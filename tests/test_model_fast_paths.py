@@ -123,22 +123,23 @@ def _loss_and_grads(cfg, variables, tokens):
   return nll, memory, grads
 
 
-def _assert_trees_close(a, b, tol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
+def _assert_same_loss_and_grads(cfg_a, cfg_b, segments):
+  """Two configs of one function: equal loss, final memory and gradients. Returns (tokens, a's nll)."""
+  _, variables, tokens = init_model(cfg_a, segments=segments)
+  nll_a, mem_a, grads_a = _loss_and_grads(cfg_a, variables, tokens)
+  nll_b, mem_b, grads_b = _loss_and_grads(cfg_b, variables, tokens)
+  np.testing.assert_allclose(nll_b, nll_a, rtol=1e-6)
+  np.testing.assert_allclose(mem_b, mem_a, atol=F32_TOL)
+  for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=F32_TOL, rtol=F32_TOL)
+  return tokens, nll_a
 
 
 @pytest.mark.parametrize("remat", ["none", "dots"])
 @pytest.mark.parametrize("flow", ["chained", "per_block"])
 def test_unrolled_segments_equal_the_segment_scan(flow, remat):
   scanned = tiny_config(memory_flow=flow, remat=remat)
-  unrolled = scanned.replace(unroll_segments=4)
-  _, variables, tokens = init_model(scanned, segments=4)
-  nll_s, mem_s, grads_s = _loss_and_grads(scanned, variables, tokens)
-  nll_u, mem_u, grads_u = _loss_and_grads(unrolled, variables, tokens)
-  np.testing.assert_allclose(nll_u, nll_s, rtol=1e-6)
-  np.testing.assert_allclose(mem_u, mem_s, atol=F32_TOL)
-  _assert_trees_close(grads_u, grads_s, F32_TOL)
+  tokens, nll_s = _assert_same_loss_and_grads(scanned, scanned.replace(unroll_segments=4), segments=4)
   # Not vacuous: the memory carries across the segments, so dropping it moves the loss.
   no_memory = scanned.replace(use_memory=False)
   nll_n, _, _ = _loss_and_grads(no_memory, init_model(no_memory, segments=4)[1], tokens)
@@ -176,13 +177,7 @@ def test_negative_unroll_segments_is_refused():
 def test_slot_first_products_equal_token_first(write):
   keyed = dict(memory_init="zeros") if write == "keyed" else {}
   token_first = tiny_config(memory_write=write, memory_product_order="token_first", **keyed)
-  slot_first = token_first.replace(memory_product_order="slot_first")
-  _, variables, tokens = init_model(token_first, segments=3)
-  nll_t, mem_t, grads_t = _loss_and_grads(token_first, variables, tokens)
-  nll_s, mem_s, grads_s = _loss_and_grads(slot_first, variables, tokens)
-  np.testing.assert_allclose(nll_s, nll_t, rtol=1e-6)
-  np.testing.assert_allclose(mem_s, mem_t, atol=F32_TOL)
-  _assert_trees_close(grads_s, grads_t, F32_TOL)
+  _assert_same_loss_and_grads(token_first, token_first.replace(memory_product_order="slot_first"), 3)
 
 
 def test_slot_first_does_fewer_flops_where_slots_are_few():
