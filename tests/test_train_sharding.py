@@ -17,11 +17,12 @@ from test_train_evaluate import C, T, TINY_MODEL, CountingSource
 BATCH = 8
 
 
-def run_steps(mesh_cfg: config_lib.MeshConfig, steps: int = 3, micro_batches: int = 1):
-  """Losses of `steps` train steps of the tiny model on `mesh_cfg`, and the final params on the host."""
+def run_steps(mesh_cfg: config_lib.MeshConfig, steps: int = 3, micro_batches: int = 1, **model_kw):
+  """Losses of `steps` train steps of the tiny model (with `model_kw` overrides) on `mesh_cfg`, and the
+  final params on the host."""
   train_cfg = config_lib.TrainConfig(steps=10, batch_size=BATCH, micro_batches=micro_batches,
                                      learning_rate=1e-2, warmup_steps=1)
-  model = LM2(ModelConfig.from_dict(TINY_MODEL))
+  model = LM2(ModelConfig.from_dict({**TINY_MODEL, **model_kw}))
   mesh = mesh_lib.make_mesh(mesh_cfg)
   tx, schedule = opt_lib.make_optimizer(train_cfg), opt_lib.make_schedule(train_cfg)
   init_shape = (mesh.shape["data"] * mesh.shape["fsdp"], C * T)
@@ -60,6 +61,24 @@ def test_sharded_steps_match_one_device(single_device, shape):
   losses, params = run_steps(config_lib.MeshConfig(*shape, num_devices=int(np.prod(shape))))
   ref_losses, ref_params = single_device
   assert ref_losses[-1] < ref_losses[0]  # the steps really train, so a match is not trivial
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# small.yaml's fast paths: the memory's products folded into the slots, the segments unrolled.
+FAST_PATHS = dict(memory_product_order="slot_first", unroll_segments=C)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 2, 2)])
+def test_sharded_fast_paths_match_one_device(shape):
+  """The slot-first products' [B, D, Nm, M] maps and the unrolled segments under data, fsdp and tensor
+  sharding: the same losses and parameters as on one device."""
+  ref_losses, ref_params = run_steps(config_lib.MeshConfig(data=1, num_devices=1), **FAST_PATHS)
+  losses, params = run_steps(config_lib.MeshConfig(*shape, num_devices=int(np.prod(shape))),
+                             **FAST_PATHS)
+  assert ref_losses[-1] < ref_losses[0]
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
