@@ -11,6 +11,10 @@ One score matrix per memory head serves both directions:
            mem' = sigmoid(u W_in + b_in) * tanh(u) + sigmoid(u W_f + b_f) * mem
 
 That is `memory_write: tokens`; `slots` routes each token over the slots with the read's softmax instead.
+The per-token projections h Wq, h Wu and e W_out can run in either order (`memory_product_order`, one
+function): token-first as written, or slot-first with each weight folded into the M slots,
+sc = h (Wq (mem Wk)^T), u = (a_w h) Wu, e W_out = a_r ((mem Wv) W_out), which is cheaper when M Nm < D and
+segments are long (`Memory.slot_first`).
 `keyed` is a content-addressed write that does not share the read's scores. Token by token, in order:
 
     u_t  = h_t Wu;  c_t = sigmoid(u_t W_in + b_in) * tanh(u_t)        the content t would store    [B, D]
