@@ -214,3 +214,27 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
     return [{k: r[k] for k in keys} for r in metrics_lib.read_metrics(root / "sig", "train")]
   assert rows(tmp_path / "runs") == rows(tmp_path / "reference")
   assert [r["step"] for r in rows(tmp_path / "runs")] == list(range(1, stopped_at + 3))
+
+
+@pytest.mark.parametrize("run_error, reported", [
+    (OSError(28, "No space left on device", "metrics.jsonl"), ckpt_lib.CheckpointSaveError),
+    (ValueError("something else"), ValueError),
+])
+def test_a_failed_save_is_reported_over_a_later_io_error(tmp_path, monkeypatch, run_error, reported):
+  """On a full disk the background save that filled it fails first and training stops later writing
+  metrics: leaving the checkpointer on that OSError reports the save (naming both); other errors stay
+  the caller's own."""
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", config_lib.CheckpointConfig())
+  real_close = checkpointer.close
+
+  def failing_close():
+    real_close()
+    raise ckpt_lib.CheckpointSaveError("saving checkpoint step 15 failed: No space left on device")
+
+  monkeypatch.setattr(checkpointer, "close", failing_close)
+  with pytest.raises(reported) as caught:
+    with checkpointer:
+      raise run_error
+  if reported is ckpt_lib.CheckpointSaveError:
+    assert "step 15" in str(caught.value) and "metrics.jsonl" in str(caught.value)
+    assert caught.value.__cause__ is run_error

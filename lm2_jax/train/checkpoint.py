@@ -101,12 +101,16 @@ class Checkpointer:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
-    # Leaving on an error too: the saves under way finish, and the caller still sees its own error.
+    # Leaving on an error too: the saves under way finish, and the caller still sees its own error,
+    # except an I/O error while a save failed: on a full disk the save that filled it usually fails
+    # first, and training goes on (writing metrics) until the failure surfaces; report the save.
     try:
       self.close()
     except Exception as e:  # pylint: disable=broad-except
       if exc_type is None:
         raise
+      if isinstance(e, CheckpointSaveError) and isinstance(exc, OSError):
+        raise CheckpointSaveError(f"{e}; the run then stopped on: {exc}") from exc
       log.warning("closing the checkpointer of %s after an error failed too: %s: %s", self.directory,
                   type(e).__name__, e)
 
